@@ -64,11 +64,25 @@ def init(*, tp: int = 1, pp: int = 1, vpp: int | None = None, cp: int = 1, seed:
     return layout
 
 
-def shutdown() -> None:
-    """Barrier, then tear everything down (without the barrier gloo sometimes aborts at exit)."""
+def shutdown(*, keep_process_group: bool = False) -> None:
+    """Barrier, then tear everything down (without the barrier gloo sometimes aborts at exit).
+
+    `keep_process_group=True` only resets megatron's parallel state, so one process can run
+    several layouts in a row (the layout tests do).
+    """
     global _layout
     if dist.is_initialized():
         dist.barrier()
+        ps.destroy_model_parallel()
+        if not keep_process_group:
+            dist.destroy_process_group()
+    _layout = None
+
+
+def abort() -> None:
+    """After an error: leave without the barrier (the other ranks may never reach it)."""
+    global _layout
+    if dist.is_initialized():
         ps.destroy_model_parallel()
         dist.destroy_process_group()
     _layout = None

@@ -105,6 +105,7 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
+    save: bool = True  # false: never write checkpoints (quick experiments, tests)
     dir: str | None = None  # None: <run_dir>/checkpoints
     keep_last: int = 2
     resume: bool = True  # continue from <dir>/latest when it exists

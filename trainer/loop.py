@@ -8,7 +8,9 @@ Loss normalisation: stages return loss *sums* and unit counts per micro-batch; m
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +29,7 @@ from megatron.core.transformer.module import Float16Module
 
 from kiln.errors import UsageError
 from kiln.log import get_logger
+from kiln.paths import write_text
 from kiln.progress import counter
 from tensor_parallel import check_model_fits, micro_batches_per_step, runtime
 from trainer import checkpoint
@@ -200,6 +203,12 @@ def train(cfg: RunConfig) -> TrainState:
                                                     m.make_vocab_size_divisible_by, cfg.parallel.tp),
                             seq_length=tr.seq_length)
     peak = peak_tflops(m.fp8 is not None)
+    if t.state.step >= tr.steps:  # nothing to train: evaluate the loaded weights
+        val = t.evaluate()
+        if runtime.is_logging_rank() and val is not None:
+            write_text(os.path.join(cfg.run_dir, "eval.json"),
+                       json.dumps({"step": t.state.step, "val_loss": val}) + "\n")
+        return t.state
     chunks = len(t.model)
     iters = [t.stage.train_batches(t.state.consumed_samples) for _ in range(chunks)]
     iterator = iters if chunks > 1 else iters[0]
@@ -244,7 +253,7 @@ def train(cfg: RunConfig) -> TrainState:
                 writer.write(record)
                 progress.set(**{k: record[k] for k in ("loss", "val_loss") if k in record})
             progress.advance(1)
-            if (tr.save_every and step % tr.save_every == 0) or last:
+            if cfg.checkpoint.save and ((tr.save_every and step % tr.save_every == 0) or last):
                 checkpoint.save(t)
     writer.close()
     return t.state

@@ -44,10 +44,12 @@ def main(argv: Sequence[str]) -> int:
             with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
                 f.write(dump_yaml(cfg))
         state = train(cfg)
-        log.info("done: %d steps (%d skipped); run directory %s", state.step, state.skipped_steps,
-                 cfg.run_dir)
-    finally:
-        runtime.shutdown()
+    except BaseException:
+        runtime.abort()
+        raise
+    runtime.shutdown()
+    log.info("done: %d steps (%d skipped); run directory %s", state.step, state.skipped_steps,
+             cfg.run_dir)
     return 0
 
 
