@@ -253,6 +253,6 @@ def grpo_loss(
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """1 - Var[R - V] / Var[R] over masked tokens: 1 is a perfect critic, <= 0 a useless one."""
     var_returns = masked_var(returns, mask, unbiased=False)
-    if var_returns == 0:
-        return torch.tensor(math.nan, dtype=values.dtype)
-    return 1 - masked_var(returns - values, mask, unbiased=False) / var_returns
+    ratio = masked_var(returns - values, mask, unbiased=False) / var_returns
+    # NaN rather than ±inf when the returns are constant (no variance to explain); no host sync.
+    return torch.where(var_returns == 0, torch.full_like(ratio, math.nan), 1 - ratio)

@@ -264,7 +264,9 @@ def trl_group_advantages(rewards: Tensor, num_generations: int, scale_rewards: s
 
 # TRL removed ``masked_mean``/``masked_var``/``masked_whiten`` (its PPO utilities) after 0.19; the
 # three functions below are copied verbatim from trl 0.19.1, ``trl/core.py`` (wheel
-# trl-0.19.1-py3-none-any.whl on PyPI), Copyright 2020-2025 The HuggingFace Team, Apache License
+# trl-0.19.1-py3-none-any.whl on PyPI, sha256
+# 8a2d4277b4ba7221eaab545a35ee89b6fbb8721fa3709ac01876a8c1bd7fd78a), Copyright 2020-2025 The
+# HuggingFace Team, Apache License
 # 2.0 (http://www.apache.org/licenses/LICENSE-2.0). Only the ``Optional`` annotation is modernised.
 
 
