@@ -30,8 +30,8 @@ def address_problem(ip: IPAddress) -> str | None:
         ("loopback", ip.is_loopback),
         ("link-local", ip.is_link_local),
         ("multicast", ip.is_multicast),
-        ("private", ip.is_private),
         ("reserved", ip.is_reserved),
+        ("private", ip.is_private),
         # Catches the remaining special-purpose ranges (100.64.0.0/10 shared space, 6to4 relays...).
         ("not globally routable", not ip.is_global),
     )

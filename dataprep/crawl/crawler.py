@@ -150,9 +150,11 @@ class Crawler:
                 slot: OriginSlot, entry: FrontierEntry | None, now: float) -> None:
         self.frontier.start(slot, now)
         if entry is None:
-            future = workers.submit(fetch_robots, slot.name, self.limits, self.policy)
+            future = workers.submit(fetch_robots, slot.name, self.limits, self.policy,
+                                    min_wait=slot.delay_s)
         else:
-            future = workers.submit(fetch_with_retries, entry.url, self.limits, self.policy)
+            future = workers.submit(fetch_with_retries, entry.url, self.limits, self.policy,
+                                    min_wait=slot.delay_s)
         in_flight[future] = _Task(slot, entry, time.monotonic())
 
     def _skip_reason(self, entry: FrontierEntry,

@@ -138,8 +138,12 @@ def fetch_once(url: str, limits: FetchLimits) -> Exchange | None:
 
 
 def fetch_with_retries(url: str, limits: FetchLimits, policy: RetryPolicy,
-                       sleep: Callable[[float], None] = time.sleep) -> FetchResult:
-    """`fetch_once` with bounded exponential back-off on 429/5xx and connection failures."""
+                       sleep: Callable[[float], None] = time.sleep,
+                       min_wait: float = 0.0) -> FetchResult:
+    """`fetch_once` with bounded exponential back-off on 429/5xx and connection failures.
+
+    A retry never comes sooner than `min_wait` (the origin's politeness gap): it is a request too.
+    """
     waits: list[float] = []
     attempt = 0
     while True:
@@ -147,7 +151,7 @@ def fetch_with_retries(url: str, limits: FetchLimits, policy: RetryPolicy,
             exchange = fetch_once(url, limits)
         except FetchError as exc:
             if policy.should_retry(attempt, error=exc.kind):
-                waits.append(policy.delay(attempt))
+                waits.append(max(min_wait, policy.delay(attempt)))
                 sleep(waits[-1])
                 attempt += 1
                 continue
@@ -155,7 +159,8 @@ def fetch_with_retries(url: str, limits: FetchLimits, policy: RetryPolicy,
         if exchange is None:
             return FetchResult(url, None, "skipped", "content-type", "", attempt + 1, waits)
         if policy.should_retry(attempt, status=exchange.status):
-            waits.append(policy.delay(attempt, parse_retry_after(exchange.header("Retry-After"))))
+            retry_after = parse_retry_after(exchange.header("Retry-After"))
+            waits.append(max(min_wait, policy.delay(attempt, retry_after)))
             sleep(waits[-1])
             attempt += 1
             continue
@@ -163,8 +168,8 @@ def fetch_with_retries(url: str, limits: FetchLimits, policy: RetryPolicy,
 
 
 def fetch_robots(origin_url: str, limits: FetchLimits, policy: RetryPolicy,
-                 max_redirects: int = 5,
-                 sleep: Callable[[float], None] = time.sleep) -> tuple[RobotsRules, str]:
+                 max_redirects: int = 5, sleep: Callable[[float], None] = time.sleep,
+                 min_wait: float = 0.0) -> tuple[RobotsRules, str]:
     """The robots.txt rules of an origin and a note on how they were obtained.
 
     Redirects are followed (RFC 9309 asks for at least five), each hop address-checked.
@@ -173,7 +178,7 @@ def fetch_robots(origin_url: str, limits: FetchLimits, policy: RetryPolicy,
     robots_limits = FetchLimits(limits.user_agent, limits.timeout_s, limits.deadline_s,
                                 ROBOTS_MAX_BYTES, None, limits.allow_private)
     for _hop in range(max_redirects + 1):
-        result = fetch_with_retries(url, robots_limits, policy, sleep)
+        result = fetch_with_retries(url, robots_limits, policy, sleep, min_wait)
         exchange = result.exchange
         if exchange is None:
             return rules_for_response(None, b""), f"{result.reason}: {result.detail}"
