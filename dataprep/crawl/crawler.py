@@ -137,8 +137,9 @@ class Crawler:
                     slot.robots_in_flight = True
                     self._submit(workers, in_flight, slot, None, now)
                 continue
-            while slot.queue and self._budget_left(len(in_flight)) > 0:
-                entry = slot.pop()
+            pages_in_flight = sum(1 for task in in_flight.values() if task.entry is not None)
+            while slot.queue and self._budget_left(pages_in_flight) > 0:
+                entry = self.frontier.pop(slot)
                 skip = self._skip_reason(entry, slot.robots)
                 if skip is None:
                     self._submit(workers, in_flight, slot, entry, now)

@@ -23,9 +23,6 @@ class OriginSlot:
     robots: RobotsRules | None = None  # None until robots.txt has been fetched
     robots_in_flight: bool = False
 
-    def pop(self) -> FrontierEntry:
-        return heapq.heappop(self.queue)[2]
-
 
 class Frontier:
     """URLs waiting to be fetched, grouped by origin so politeness is enforced per server."""
@@ -35,6 +32,7 @@ class Frontier:
         self.per_origin = per_origin
         self.slots: dict[str, OriginSlot] = {}
         self._seq = 0
+        self._size = 0
 
     def push(self, entry: FrontierEntry) -> None:
         key = origin(entry.url)
@@ -42,10 +40,16 @@ class Frontier:
         if slot is None:
             slot = self.slots[key] = OriginSlot(key, self.delay_s)
         self._seq += 1
+        self._size += 1
         heapq.heappush(slot.queue, (entry.depth, self._seq, entry))
 
+    def pop(self, slot: OriginSlot) -> FrontierEntry:
+        """The origin's shallowest, earliest-queued URL."""
+        self._size -= 1
+        return heapq.heappop(slot.queue)[2]
+
     def __len__(self) -> int:
-        return sum(len(s.queue) for s in self.slots.values())
+        return self._size
 
     def ready(self, now: float) -> Iterator[OriginSlot]:
         """Origins with queued URLs, a free slot and their politeness gap elapsed, longest-waiting

@@ -96,7 +96,8 @@ class CrawlState:
             entry = FrontierEntry.from_json(item)
             self.queued.setdefault(entry.url, entry)
         if event.get("e") == "done":
-            self.done[event["url"]] = event
+            # The queued list is applied above; keeping it would hold every outlink in memory.
+            self.done[event["url"]] = {k: v for k, v in event.items() if k != "queued"}
             if "warc" in event:
                 self.warc_ends[event["warc"]] = max(self.warc_ends.get(event["warc"], 0),
                                                     event["end"])

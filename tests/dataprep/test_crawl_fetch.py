@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -210,3 +213,29 @@ def test_archived_headers_parse_back_with_warcio(server, tmp_path) -> None:
     responses = [r for r in ArchiveIterator(io.BytesIO(data)) if r.rec_type == "response"]
     assert responses[0].http_headers.get_statuscode() == "200"
     assert responses[0].http_headers.get_header("Content-Type") == "text/html; charset=utf-8"
+
+
+def test_https_with_an_untrusted_certificate_is_a_tls_error(tmp_path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a self-signed certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
+                   check=True, capture_output=True)
+    handler = type("H", (_Handler,), {"hits": Counter(), "agents": []})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        result = fetch_with_retries(f"https://127.0.0.1:{httpd.server_address[1]}/",
+                                    _limits(), RetryPolicy(3))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+    assert (result.outcome, result.reason, result.attempts) == ("error", "tls", 1)
+    assert "CERTIFICATE_VERIFY_FAILED" in result.detail
+    assert not handler.hits

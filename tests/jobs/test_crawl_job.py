@@ -22,7 +22,7 @@ import pytest
 from warcio.archiveiterator import ArchiveIterator
 from warcio.checker import Checker
 
-from jobs.crawl import main
+from jobs.crawl import build_parser, load_crawl_config, main
 from jobs.serve_site import SAMPLE_SITE, serve_sample_site
 from kiln.cli import run_main
 
@@ -194,7 +194,7 @@ class _EdgeHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     hits: Counter[str]
     arrivals: list[float]
-    robots = b"User-agent: *\nDisallow: /private\n"
+    robots: bytes | None = b"User-agent: *\nDisallow: /private\n"
     active = 0
     max_active = 0
     lock = threading.Lock()
@@ -215,7 +215,10 @@ class _EdgeHandler(BaseHTTPRequestHandler):
     def _route(self, path: str) -> None:
         html = "text/html; charset=utf-8"
         if path == "/robots.txt":
-            self._send(200, self.robots, "text/plain")
+            if self.robots is None:  # a server that cannot say what it allows
+                self._send(503, b"down", "text/plain")
+            else:
+                self._send(200, self.robots, "text/plain")
         elif path == "/":
             body = "".join(f'<a href="{u}">{u}</a>' for u in EDGE_LINKS).encode()
             self._send(200, b"<html><body>" + body + b"</body></html>", html)
@@ -309,6 +312,33 @@ def test_crawl_delay_and_per_host_concurrency_are_respected(edge_site, tmp_path:
     # A lower bound on request spacing (never an upper bound: a slow machine only adds time).
     assert min(gaps) >= 0.25 * 0.95
     assert handler.max_active == 1
+
+
+@pytest.mark.parametrize("edge_site", [None], indirect=True)
+def test_unreadable_robots_txt_means_nothing_is_fetched(edge_site, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    base, handler = edge_site
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text(f"{base}/\n")
+    out = tmp_path / "out"
+    assert crawl(seeds, out, *FAST, "--set", "fetch.backoff_s=0.01") == 1
+    assert "no page could be fetched (robots-unavailable=1)" in capsys.readouterr().err
+    assert dict(handler.hits) == {"/robots.txt": 4}  # RFC 9309: 5xx means disallow all
+    assert report(out)["this_run"]["robots"] == {base: "HTTP 503"}
+
+
+def test_flags_override_set_which_overrides_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "crawl.yaml"
+    config.write_text("scope: {max_pages: 7, max_depth: 2}\npoliteness: {delay_s: 3.0}\n")
+    args = build_parser().parse_args([
+        "--seeds", "s", "--out", "o", "--config", str(config), "--set", "scope.max_pages=9",
+        "--set", "politeness.delay_s=4", "--delay", "0.5", "--allow-host", "a.example",
+        "--allow-host", "b.example"])
+    loaded = load_crawl_config(args)
+    assert (loaded.scope.max_pages, loaded.scope.max_depth) == (9, 2)
+    assert loaded.politeness.delay_s == 0.5
+    assert loaded.scope.allow_hosts == ["a.example", "b.example"]
+    assert loaded.scope.allow_private is False
 
 
 # --- resumability: SIGKILL half-way, restart with the same command --------------------------
