@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from urllib.parse import urlsplit
@@ -71,7 +72,7 @@ def load_crawl_config(args: argparse.Namespace) -> CrawlConfig:
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.allow_host:
-        overrides.append(f"scope.allow_hosts=[{', '.join(args.allow_host)}]")
+        overrides.append(f"scope.allow_hosts={json.dumps(args.allow_host)}")  # JSON is YAML
     if args.allow_private:
         overrides.append("scope.allow_private=true")
     return load_config(CrawlConfig, args.config, overrides)

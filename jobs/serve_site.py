@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
@@ -126,6 +127,8 @@ def main(argv: Sequence[str]) -> int:
         base_url, stop = serve_sample_site(**options)
     print(f"serving at {base_url}/ (robots.txt at {base_url}/robots.txt); Ctrl-C stops",
           flush=True)
+    # SIGTERM (a service manager, `timeout`) stops as cleanly as Ctrl-C: the unpacked copy goes too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         threading.Event().wait()
     finally:
