@@ -21,7 +21,7 @@ from dataprep.crawl.fetch import (
     fetch_robots,
     fetch_with_retries,
 )
-from dataprep.crawl.frontier import Frontier, OriginSlot
+from dataprep.crawl.frontier import Frontier, HostSlot
 from dataprep.crawl.links import extract_links, media_type
 from dataprep.crawl.policy import RetryPolicy
 from dataprep.crawl.report import crawl_report, summary_line
@@ -50,8 +50,9 @@ HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 @dataclass
 class _Task:
-    slot: OriginSlot
+    slot: HostSlot
     entry: FrontierEntry | None  # None: the origin's robots.txt
+    origin: str
     started: float
 
 
@@ -132,31 +133,33 @@ class Crawler:
         for slot in self.frontier.ready(now):
             if len(in_flight) >= self.config.politeness.concurrency:
                 return
-            if slot.robots is None:
-                if not slot.robots_in_flight:
-                    slot.robots_in_flight = True
-                    self._submit(workers, in_flight, slot, None, now)
-                continue
             pages_in_flight = sum(1 for task in in_flight.values() if task.entry is not None)
             while slot.queue and self._budget_left(pages_in_flight) > 0:
+                site = origin(slot.head().url)
+                rules = slot.robots.get(site)
+                if rules is None:  # the origin's robots.txt comes first, on the host's slot
+                    if site not in slot.robots_pending:
+                        slot.robots_pending.add(site)
+                        self._submit(workers, in_flight, _Task(slot, None, site, now))
+                    break
                 entry = self.frontier.pop(slot)
-                skip = self._skip_reason(entry, slot.robots)
+                skip = self._skip_reason(entry, rules)
                 if skip is None:
-                    self._submit(workers, in_flight, slot, entry, now)
+                    self._submit(workers, in_flight, _Task(slot, entry, site, now))
                     break
                 self._journal_outcome(entry, *skip)
                 self.run_counts[skip[0]] += 1
 
     def _submit(self, workers: ThreadPoolExecutor, in_flight: dict[Future, _Task],
-                slot: OriginSlot, entry: FrontierEntry | None, now: float) -> None:
-        self.frontier.start(slot, now)
-        if entry is None:
-            future = workers.submit(fetch_robots, slot.name, self.limits, self.policy,
-                                    min_wait=slot.delay_s)
+                task: _Task) -> None:
+        self.frontier.start(task.slot, task.started)
+        if task.entry is None:
+            future = workers.submit(fetch_robots, task.origin, self.limits, self.policy,
+                                    min_wait=task.slot.delay_s)
         else:
-            future = workers.submit(fetch_with_retries, entry.url, self.limits, self.policy,
-                                    min_wait=slot.delay_s)
-        in_flight[future] = _Task(slot, entry, time.monotonic())
+            future = workers.submit(fetch_with_retries, task.entry.url, self.limits, self.policy,
+                                    min_wait=task.slot.delay_s)
+        in_flight[future] = task
 
     def _skip_reason(self, entry: FrontierEntry,
                      robots: RobotsRules) -> tuple[str, str, str] | None:
@@ -173,12 +176,13 @@ class Crawler:
         now = time.monotonic()
         if task.entry is None:
             rules, note = result
-            task.slot.robots, task.slot.robots_in_flight = rules, False
-            self.robots_notes[task.slot.name] = note
+            task.slot.robots[task.origin] = rules
+            task.slot.robots_pending.discard(task.origin)
+            self.robots_notes[task.origin] = note
             self.frontier.apply_crawl_delay(task.slot, rules.crawl_delay(self.token),
                                             self.config.politeness.max_crawl_delay_s)
             self.frontier.finish(task.slot, now)
-            log.info("robots.txt for %s: %s (%s)", task.slot.name, note, rules.source)
+            log.info("robots.txt for %s: %s (%s)", task.origin, note, rules.source)
             return
         self.frontier.finish(task.slot, now)
         fetched: FetchResult = result
