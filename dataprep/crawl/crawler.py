@@ -85,7 +85,7 @@ class Crawler:
         resumed = bool(self.state.queued)
         self.journal = Journal(journal_path)
         for page, location in recover_warc_tails(out_dir, self.state.warc_ends):
-            self._record_page(page, location)
+            self._record_page(page, location)  # its outlinks join the frontier with the pending
             self.run_counts["recovered"] += 1
         new_seeds = [FrontierEntry(s, 0) for s in dict.fromkeys(seeds)
                      if s not in self.state.queued]
@@ -109,11 +109,12 @@ class Crawler:
                 display.advance(self.state.pages())
                 while True:
                     self._dispatch(workers, in_flight)
-                    if not in_flight and (self._budget_left() <= 0 or not len(self.frontier)):
-                        break
-                    wake = self.frontier.next_wake()
+                    budget_open = self._budget_left(_pages(in_flight)) > 0
+                    wake = self.frontier.next_wake() if budget_open else None
                     timeout = None if wake is None else max(0.0, wake - time.monotonic())
                     if not in_flight:
+                        if wake is None:  # nothing running and nothing that could start
+                            break
                         time.sleep(timeout or 0.0)
                         continue
                     finished, _ = wait(in_flight, timeout=timeout, return_when=FIRST_COMPLETED)
@@ -133,8 +134,7 @@ class Crawler:
         for slot in self.frontier.ready(now):
             if len(in_flight) >= self.config.politeness.concurrency:
                 return
-            pages_in_flight = sum(1 for task in in_flight.values() if task.entry is not None)
-            while slot.queue and self._budget_left(pages_in_flight) > 0:
+            while slot.queue and self._budget_left(_pages(in_flight)) > 0:
                 site = origin(slot.head().url)
                 rules = slot.robots.get(site)
                 if rules is None:  # the origin's robots.txt comes first, on the host's slot
@@ -193,7 +193,8 @@ class Crawler:
             return
         page = self._page_record(task.entry, fetched.exchange)
         location = self.writer.write_page(page, fetched.exchange, int((now - task.started) * 1000))
-        self._record_page(page, location)
+        for entry in self._record_page(page, location):
+            self.frontier.push(entry)
         display.advance(1, bytes=page.size, errors=int(page.status >= 500))
 
     def _page_record(self, entry: FrontierEntry, exchange: Exchange) -> PageRecord:
@@ -209,15 +210,15 @@ class Crawler:
             page.outlinks = extract_links(body, entry.url, content_type).links
         return page
 
-    def _record_page(self, page: PageRecord, location: WarcLocation) -> None:
-        """Journal an archived page as done, queueing its admissible outlinks in the same line."""
+    def _record_page(self, page: PageRecord, location: WarcLocation) -> list[FrontierEntry]:
+        """Journal an archived page as done, queueing its admissible outlinks in the same line;
+        returns the newly queued entries."""
         queued, dropped = self._admit(page)
         self._journal({"e": "done", "url": page.url, "outcome": "fetched", "status": page.status,
                        "depth": page.depth, "bytes": page.size, "truncated": page.truncated,
                        "warc": location.file, "offset": location.offset, "end": location.end,
                        "queued": [e.to_json() for e in queued], "dropped": dropped})
-        for entry in queued:
-            self.frontier.push(entry)
+        return queued
 
     def _admit(self, page: PageRecord) -> tuple[list[FrontierEntry], dict[str, int]]:
         dropped: Counter[str] = Counter()
@@ -250,8 +251,8 @@ class Crawler:
         self.journal.append(event)
         self.state.apply(event)
 
-    def _budget_left(self, in_flight: int = 0) -> int:
-        return self.config.scope.max_pages - self.state.pages() - in_flight
+    def _budget_left(self, pages_in_flight: int) -> int:
+        return self.config.scope.max_pages - self.state.pages() - pages_in_flight
 
     def _write_report(self) -> dict[str, Any]:
         this_run = dict(sorted(self.run_counts.items()))
@@ -260,6 +261,10 @@ class Crawler:
                               len(self.frontier), this_run)
         write_text(os.path.join(self.out_dir, REPORT_NAME), json.dumps(report, indent=2) + "\n")
         return report
+
+
+def _pages(in_flight: dict[Future, _Task]) -> int:
+    return sum(1 for task in in_flight.values() if task.entry is not None)
 
 
 def _decoded(body: bytes, encoding: str | None, limit: int) -> bytes:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from dataprep.crawl.robots import RobotsRules
 from dataprep.crawl.state import FrontierEntry
-from dataprep.crawl.urls import host_of
+from dataprep.crawl.urls import host_of, origin
 
 
 @dataclass
@@ -59,16 +59,19 @@ class Frontier:
         return self._size
 
     def ready(self, now: float) -> Iterator[HostSlot]:
-        """Hosts with queued URLs, a free slot and their politeness gap elapsed, longest-waiting
-        first."""
-        candidates = [s for s in self.slots.values()
-                      if s.queue and s.active < self.per_host and s.next_time <= now]
+        """Hosts that can start a request now (see `_can_start`), longest-waiting first."""
+        candidates = [s for s in self.slots.values() if self._can_start(s) and s.next_time <= now]
         yield from sorted(candidates, key=lambda s: s.next_time)
 
     def next_wake(self) -> float | None:
-        """The earliest time a currently blocked host becomes ready (None if none is waiting)."""
-        times = [s.next_time for s in self.slots.values() if s.queue and s.active < self.per_host]
+        """When the next host can start a request; None while every host is busy or empty."""
+        times = [s.next_time for s in self.slots.values() if self._can_start(s)]
         return min(times) if times else None
+
+    def _can_start(self, slot: HostSlot) -> bool:
+        # A host whose next URL waits for its origin's robots.txt has nothing to start yet.
+        return bool(slot.queue) and slot.active < self.per_host and (
+            origin(slot.head().url) not in slot.robots_pending)
 
     def start(self, slot: HostSlot, now: float) -> None:
         # Starts are spaced by the gap too, so per_host > 1 overlaps slow responses rather than

@@ -90,12 +90,16 @@ class CrawlState:
     queued: dict[str, FrontierEntry] = field(default_factory=dict)  # insertion order = queue order
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
     warc_ends: dict[str, int] = field(default_factory=dict)
+    fetched: int = 0  # done URLs whose response is archived
 
     def apply(self, event: dict[str, Any]) -> None:
         for item in event.get("queued", ()):
             entry = FrontierEntry.from_json(item)
             self.queued.setdefault(entry.url, entry)
         if event.get("e") == "done":
+            previous = self.done.get(event["url"])
+            self.fetched += (event["outcome"] == "fetched") - (
+                previous is not None and previous["outcome"] == "fetched")
             # The queued list is applied above; keeping it would hold every outlink in memory.
             self.done[event["url"]] = {k: v for k, v in event.items() if k != "queued"}
             if "warc" in event:
@@ -106,7 +110,7 @@ class CrawlState:
         return [e for url, e in self.queued.items() if url not in self.done]
 
     def pages(self) -> int:
-        return sum(1 for d in self.done.values() if d["outcome"] == "fetched")
+        return self.fetched
 
 
 def recover_warc_tails(directory: str,

@@ -344,6 +344,34 @@ def test_flags_override_set_which_overrides_the_config_file(tmp_path: Path) -> N
 # --- resumability: SIGKILL half-way, restart with the same command --------------------------
 
 
+def test_restart_recovers_a_page_archived_but_not_journaled_and_cuts_a_torn_tail(
+        docs_seeds: Path, tmp_path: Path) -> None:
+    assert crawl(docs_seeds, tmp_path, *FAST, "--max-pages", "3") == 0
+    journal = tmp_path / "crawl-journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    last_done = max(i for i, line in enumerate(lines) if '"outcome":"fetched"' in line)
+    lost = json.loads(lines[last_done])
+    # The crash window: the WARC transaction is on disk, its journal line is not; and a second
+    # transaction was cut mid-member.
+    journal.write_text("".join(lines[:last_done]))
+    with open(tmp_path / lost["warc"], "ab") as f:
+        f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xffhalf a record")
+    frontier_before = report(tmp_path)["frontier_left"]
+
+    assert crawl(docs_seeds, tmp_path, *FAST, "--max-pages", "3") == 0
+
+    rep = report(tmp_path)
+    assert rep["this_run"] == {"recovered": 1, "robots": {}}  # nothing fetched again
+    assert rep["fetched"] == 3 and rep["frontier_left"] == frontier_before  # outlinks re-queued
+    pages = responses(tmp_path)
+    assert len(pages) == len(set(pages)) == 3 and lost["url"] in pages
+    recovered = json.loads(journal.read_text().splitlines()[-1])
+    assert (recovered["url"], recovered["end"]) == (lost["url"], lost["end"])
+    assert (tmp_path / lost["warc"]).stat().st_size == lost["end"]
+    assert Checker(SimpleNamespace(inputs=[str(p) for p in warc_files(tmp_path)],
+                                   verbose=False)).process_all() == 0
+
+
 def test_sigkill_and_restart_ends_with_the_same_pages_and_no_duplicates(
         full_crawl: Path, docs_seeds: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
