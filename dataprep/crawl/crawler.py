@@ -84,7 +84,8 @@ class Crawler:
             self.state.apply(event)
         resumed = bool(self.state.queued)
         self.journal = Journal(journal_path)
-        for page, location in recover_warc_tails(out_dir, self.state.warc_ends):
+        for page, location in recover_warc_tails(out_dir, config.output.prefix,
+                                                 self.state.warc_ends):
             self._record_page(page, location)  # its outlinks join the frontier with the pending
             self.run_counts["recovered"] += 1
         new_seeds = [FrontierEntry(s, 0) for s in dict.fromkeys(seeds)
@@ -257,7 +258,8 @@ class Crawler:
     def _write_report(self) -> dict[str, Any]:
         this_run = dict(sorted(self.run_counts.items()))
         this_run["robots"] = self.robots_notes
-        report = crawl_report(self.state, [name for name, _ in list_warc_files(self.out_dir)],
+        files = list_warc_files(self.out_dir, self.config.output.prefix)
+        report = crawl_report(self.state, [name for name, _ in files],
                               len(self.frontier), this_run)
         write_text(os.path.join(self.out_dir, REPORT_NAME), json.dumps(report, indent=2) + "\n")
         return report

@@ -6,6 +6,7 @@ passes the same scope, robots, politeness and address checks.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import socket
 import ssl
@@ -15,7 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
-from dataprep.crawl.addresses import BlockedAddressError, ResolveError, checked_addresses
+from dataprep.crawl.addresses import (
+    BlockedAddressError,
+    IPAddress,
+    ResolveError,
+    checked_addresses,
+)
 from dataprep.crawl.links import media_type
 from dataprep.crawl.policy import RetryPolicy, parse_retry_after
 from dataprep.crawl.robots import ROBOTS_MAX_BYTES, RobotsRules, rules_for_response
@@ -105,6 +111,7 @@ def fetch_once(url: str, limits: FetchLimits) -> Exchange | None:
         raise FetchError("blocked-address", str(exc)) from None
     accept = ",".join(limits.content_types) + ";q=1.0,*/*;q=0.1" if limits.content_types else "*/*"
     request = build_request(url, limits.user_agent, accept)
+    deadline = time.monotonic() + limits.deadline_s
     sock, ip = _connect(addresses, port, limits.timeout_s, parts.hostname if tls else None)
     date = datetime.now(UTC)
     try:
@@ -117,7 +124,7 @@ def fetch_once(url: str, limits: FetchLimits) -> Exchange | None:
             if kind not in limits.content_types:
                 response.close()
                 raise _Unwanted(kind or "(none)")
-        body, truncated = _read_body(response, limits.max_bytes, time.monotonic() + limits.deadline_s)
+        body, truncated = _read_body(response, limits.max_bytes, deadline)
         if response.chunked:
             headers = _unchunked_headers(headers, len(body))
         protocol = "HTTP/1.0" if response.version == 10 else "HTTP/1.1"
@@ -197,14 +204,23 @@ class _Unwanted(Exception):
     pass
 
 
-def _connect(addresses: list, port: int, timeout: float,
-             tls_hostname: str | None) -> tuple[socket.socket, object]:
-    errors = []
+@functools.lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    # One context for the process: building one loads the CA store, and wrap_socket is thread-safe.
+    return ssl.create_default_context()
+
+
+def _connect(addresses: list[IPAddress], port: int, timeout: float,
+             tls_hostname: str | None) -> tuple[socket.socket, IPAddress]:
+    """Connect to the first reachable checked address (never to a name, which could re-resolve)."""
+    errors: list[str] = []
+    timeouts = 0
     for ip in addresses:
         try:
             sock = socket.create_connection((str(ip), port), timeout=timeout)
         except TimeoutError as exc:
             errors.append(f"{ip}: timed out ({exc})")
+            timeouts += 1
             continue
         except OSError as exc:
             errors.append(f"{ip}: {exc}")
@@ -212,15 +228,15 @@ def _connect(addresses: list, port: int, timeout: float,
         if tls_hostname is None:
             return sock, ip
         try:
-            return ssl.create_default_context().wrap_socket(sock, server_hostname=tls_hostname), ip
-        except (ssl.SSLError, ssl.CertificateError) as exc:
+            return _tls_context().wrap_socket(sock, server_hostname=tls_hostname), ip
+        except ssl.SSLError as exc:
             sock.close()
             raise FetchError("tls", f"{tls_hostname} ({ip}): {exc}") from None
         except OSError as exc:
             sock.close()
             errors.append(f"{ip}: {exc}")
-    kind = "timeout" if errors and all("timed out" in e for e in errors) else "connect"
-    raise FetchError(kind, "cannot connect: " + "; ".join(errors))
+    raise FetchError("timeout" if timeouts == len(addresses) else "connect",
+                     "cannot connect: " + "; ".join(errors))
 
 
 def _read_body(response: http.client.HTTPResponse, max_bytes: int,

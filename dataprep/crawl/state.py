@@ -113,7 +113,7 @@ class CrawlState:
         return self.fetched
 
 
-def recover_warc_tails(directory: str,
+def recover_warc_tails(directory: str, prefix: str,
                        warc_ends: dict[str, int]) -> list[tuple[PageRecord, WarcLocation]]:
     """Pages archived after the journal's last word on each WARC file; torn tails are truncated.
 
@@ -121,7 +121,7 @@ def recover_warc_tails(directory: str,
     removed, so every remaining file carries at least one page.
     """
     recovered: list[tuple[PageRecord, WarcLocation]] = []
-    for name, _serial in list_warc_files(directory):
+    for name, _serial in list_warc_files(directory, prefix):
         path = os.path.join(directory, name)
         base = warc_ends.get(name, 0)
         with open(path, "rb") as f:

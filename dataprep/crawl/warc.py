@@ -86,7 +86,7 @@ class WarcFileWriter:
         self._size = 0
         self._warcinfo_id = ""
         self._has_records = False
-        self._serial = max((s for _, s in list_warc_files(directory)), default=0)
+        self._serial = max((s for _, s in list_warc_files(directory, prefix)), default=0)
 
     def write_page(self, page: PageRecord, exchange: Exchange, fetch_ms: int) -> WarcLocation:
         """Archive one fetched URL (response, request, metadata) durably; return where it lies."""
@@ -154,12 +154,16 @@ class WarcFileWriter:
         return WarcLocation(self._name, offset, self._size)
 
 
-def list_warc_files(directory: str) -> list[tuple[str, int]]:
-    """(name, serial) of this crawler's WARC files in `directory`, in serial order."""
+def list_warc_files(directory: str, prefix: str) -> list[tuple[str, int]]:
+    """(name, serial) of the crawl's `PREFIX-TIMESTAMP-SERIAL.warc.gz` files, in serial order.
+
+    Other WARC files in the directory are never touched, so pointing --out at a folder that
+    already holds someone else's archives cannot harm them.
+    """
     out = []
     for name in os.listdir(directory):
         match = WARC_NAME.match(name)
-        if match:
+        if match and match.group("prefix") == prefix:
             out.append((name, int(match.group("serial"))))
     return sorted(out, key=lambda item: item[1])
 

@@ -71,7 +71,7 @@ def test_warc_files_rotate_and_every_record_points_at_its_warcinfo(tmp_path: Pat
     for n in range(3):
         writer.write_page(*_page(n), fetch_ms=1)
     writer.close()
-    names = [name for name, _ in list_warc_files(str(tmp_path))]
+    names = [name for name, _ in list_warc_files(str(tmp_path), "kiln")]
     assert [name[-13:] for name in names] == ["00001.warc.gz", "00002.warc.gz", "00003.warc.gz"]
     for name in names:
         with open(tmp_path / name, "rb") as f:
@@ -82,7 +82,7 @@ def test_warc_files_rotate_and_every_record_points_at_its_warcinfo(tmp_path: Pat
     again = WarcFileWriter(str(tmp_path), "kiln", 1 << 30, "llmkiln/t")  # a resumed run
     again.write_page(*_page(9), fetch_ms=1)
     again.close()
-    assert list_warc_files(str(tmp_path))[-1][1] == 4  # never reuses a serial
+    assert list_warc_files(str(tmp_path), "kiln")[-1][1] == 4  # never reuses a serial
 
 
 def test_recovery_keeps_unjournaled_complete_pages_and_cuts_torn_tails(tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_recovery_keeps_unjournaled_complete_pages_and_cuts_torn_tails(tmp_path:
         f.seek(0, os.SEEK_END)
         f.write(b"\x1f\x8b\x08\x00garbage-from-a-torn-member")
 
-    recovered = recover_warc_tails(str(tmp_path), {journaled.file: journaled.end})
+    recovered = recover_warc_tails(str(tmp_path), "kiln", {journaled.file: journaled.end})
 
     assert [page.url for page, _ in recovered] == ["http://site.example/p2.html"]
     page, location = recovered[0]
@@ -116,17 +116,27 @@ def test_recovery_removes_a_file_that_holds_only_its_warcinfo(tmp_path: Path) ->
     writer = WarcFileWriter(str(tmp_path), "kiln", 1 << 30, "llmkiln/t")
     writer.write_page(*_page(1), fetch_ms=1)
     writer.close()
-    name = list_warc_files(str(tmp_path))[0][0]
+    name = list_warc_files(str(tmp_path), "kiln")[0][0]
     with open(tmp_path / name, "r+b") as f:
         records = _records(tmp_path / name)
         f.truncate(records[1][2] + 10)  # warcinfo plus the first bytes of the response
-    assert recover_warc_tails(str(tmp_path), {}) == []
-    assert list_warc_files(str(tmp_path)) == []
+    assert recover_warc_tails(str(tmp_path), "kiln", {}) == []
+    assert list_warc_files(str(tmp_path), "kiln") == []
+
+
+def test_recovery_leaves_other_crawls_warc_files_alone(tmp_path: Path) -> None:
+    other = WarcFileWriter(str(tmp_path), "theirs", 1 << 30, "llmkiln/t")
+    other.write_page(*_page(1), fetch_ms=1)
+    other.close()
+    (tmp_path / "theirs-20200101000000-00009.warc.gz").write_bytes(b"not even gzip")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert recover_warc_tails(str(tmp_path), "kiln", {}) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_recovery_is_a_no_op_on_a_fully_journaled_file(tmp_path: Path) -> None:
     writer = WarcFileWriter(str(tmp_path), "kiln", 1 << 30, "llmkiln/t")
     location = writer.write_page(*_page(1), fetch_ms=1)
     writer.close()
-    assert recover_warc_tails(str(tmp_path), {location.file: location.end}) == []
+    assert recover_warc_tails(str(tmp_path), "kiln", {location.file: location.end}) == []
     assert os.path.getsize(tmp_path / location.file) == location.end
