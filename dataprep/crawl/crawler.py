@@ -189,6 +189,8 @@ class Crawler:
         fetched: FetchResult = result
         self.run_counts[fetched.outcome] += 1
         if fetched.exchange is None:
+            log.debug("%s: %s %s %s", task.entry.url, fetched.outcome, fetched.reason,
+                      fetched.detail)
             self._journal_outcome(task.entry, fetched.outcome, fetched.reason, fetched.detail)
             display.advance(0, **({"errors": 1} if fetched.outcome == "error" else {"skipped": 1}))
             return

@@ -140,3 +140,14 @@ def test_recovery_is_a_no_op_on_a_fully_journaled_file(tmp_path: Path) -> None:
     writer.close()
     assert recover_warc_tails(str(tmp_path), "kiln", {location.file: location.end}) == []
     assert os.path.getsize(tmp_path / location.file) == location.end
+
+
+def test_warc_1_0_output_has_second_precision_dates(tmp_path: Path) -> None:
+    writer = WarcFileWriter(str(tmp_path), "kiln", 1 << 30, "llmkiln/t", warc_version="1.0")
+    location = writer.write_page(*_page(1), fetch_ms=1)
+    writer.close()
+    with open(tmp_path / location.file, "rb") as f:
+        records = list(ArchiveIterator(f))
+    assert {r.rec_headers.protocol for r in records} == {"WARC/1.0"}
+    date = records[1].rec_headers.get_header("WARC-Date")
+    assert len(date) == len("2026-01-01T00:00:00Z") and date.endswith("Z")

@@ -6,6 +6,8 @@ import re
 from urllib.parse import urljoin
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dataprep.crawl.links import extract_links, sniff_charset
 from dataprep.crawl.urls import (
@@ -132,3 +134,29 @@ def test_extract_links_decodes_with_declared_charset() -> None:
     header_wins = extract_links(html, "http://s.example/", "text/html; charset=utf-8").links
     assert header_wins == ["http://s.example/caf%EF%BF%BD.html"]  # undecodable byte -> U+FFFD
     assert sniff_charset(b"<meta charset=bogus-enc>") == "utf-8"
+
+
+_segment = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")),
+                   max_size=8)
+
+
+@settings(max_examples=100, deadline=None)
+@given(scheme=st.sampled_from(["http", "HTTPS", "hTTp"]),
+       host=st.sampled_from(["example.com", "EXAMPLE.org", "b\u00fccher.example", "127.0.0.1",
+                             "[::1]", "a-b.example."]),
+       port=st.sampled_from(["", ":80", ":443", ":8080"]),
+       segments=st.lists(_segment, max_size=5),
+       query=st.one_of(st.none(), _segment), fragment=st.one_of(st.none(), _segment))
+def test_normalize_url_is_idempotent_and_ascii(scheme: str, host: str, port: str,
+                                               segments: list[str], query: str | None,
+                                               fragment: str | None) -> None:
+    url = f"{scheme}://{host}{port}/" + "/".join(segments)
+    if query is not None:
+        url += "?" + query
+    if fragment is not None:
+        url += "#" + fragment
+    once = normalize_url(url)
+    if once is None:
+        return
+    assert once.isascii() and "#" not in once and " " not in once
+    assert normalize_url(once) == once
