@@ -101,7 +101,7 @@ def iter_records(path: str) -> Iterator[tuple[int, dict[str, Any] | RecordError,
         yield from _iter_parquet(path)
         return
     with open_path(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        for number, raw in enumerate(_lines(f), start=1):
             if not raw.strip():
                 continue
             try:
@@ -118,6 +118,17 @@ def iter_records(path: str) -> Iterator[tuple[int, dict[str, Any] | RecordError,
                 yield number, RecordError(f"expected a JSON object, got {type(obj).__name__}"), raw
                 continue
             yield number, obj, raw
+
+
+def _lines(f: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a binary stream; some decompressors (zstd) do not implement readline."""
+    tail = b""
+    while block := f.read(chunk):
+        parts = (tail + block).split(b"\n")
+        tail = parts.pop()
+        yield from parts
+    if tail:
+        yield tail
 
 
 def _iter_parquet(path: str) -> Iterator[tuple[int, dict[str, Any], None]]:
