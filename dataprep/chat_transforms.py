@@ -92,6 +92,11 @@ class ParseFiles(beam.DoFn):
                 yield event("parse", f"filtered:{exc.reason}")
                 continue
             yield event("parse", "kept")
+            if self.rule.rule == "all_pairs":
+                n = len(rec["completions"]) if fmt == "scored" else 2
+                yield event("pair", "kept", len(examples))
+                if n * (n - 1) // 2 > len(examples):
+                    yield event("pair", "filtered:not_selected", n * (n - 1) // 2 - len(examples))
             many = len(examples) > 1
             for k, ex in enumerate(examples):
                 yield Keyed(record_id(source, line, k if many else None), source, ex)
@@ -321,7 +326,11 @@ def build_pipeline(p: beam.Pipeline, job: ChatJob, fingerprint: str) -> None:
     _ = parsed[DEAD] | "DeadLetters" >> WriteDeadLetters(job.out_dir)
 
 
-STAGES = ("read", "parse", "hygiene", "length", "pack")
+STAGES = ("read", "parse", "pair", "hygiene", "length", "pack")
+# `pair` (scored completions, all_pairs rule) fans out: its unit is the candidate pair (each
+# kept record offers n(n-1)/2), so its input is not the records `parse` kept. The manifest
+# ledger has no fan-out field yet; `extra.fanout` records the boundary and the check skips it.
+FANOUT_STAGE = "pair"
 
 
 def ledger_from_counts(counts: dict[str, int], stages: Iterable[str]):
@@ -377,13 +386,20 @@ def run_chat_job(job: ChatJob, beam_args: list[str], tokenizer: Any, config: dic
         with open(os.path.join(work, SHARDS_FILE), encoding="utf-8") as f:
             shards = sorted((ShardEntry(**s) for s in json.load(f)), key=lambda s: s.path)
         shutil.rmtree(work)
-        ledger, notes = ledger_from_counts(counts, [s for s in STAGES if s != "pack" or job.pack])
-        problems = ledger.check()
+        fanout = job.rule.rule == "all_pairs"
+        stages = [s for s in STAGES if (s != "pack" or job.pack) and (s != FANOUT_STAGE or fanout)]
+        ledger, notes = ledger_from_counts(counts, stages)
+        problems = [p for p in ledger.check()
+                    if not (fanout and p.startswith(f"stage '{FANOUT_STAGE}': input"))]
         if problems:
             raise DataError("ledger does not balance: " + "; ".join(problems), path=job.out_dir)
         name = "sft_packed" if job.pack else job.kind
         extra: dict[str, Any] = {"config": config, "counts": notes,
                                  "inputs": list(job.inputs)}
+        if fanout:
+            by_name = {x.name: x for x in ledger.stages}
+            extra["fanout"] = {"stage": FANOUT_STAGE, "records": by_name["parse"].kept,
+                               "candidates": by_name[FANOUT_STAGE].input}
         if job.pack:
             rows, tokens = notes.get("pack.rows", 0), notes.get("pack.tokens", 0)
             extra["packing"] = {"max_seq_len": job.max_seq_len, "rows": rows, "tokens": tokens,
