@@ -45,12 +45,12 @@ def check_contract(out: str, tok_dir: str) -> None:
         shard = read_arrow_shard(os.path.join(out, s.path))
         assert schema_identity(shard.schema) == (c.name, c.version, fp)
         assert shard.schema.remove_metadata() == c.schema and shard.num_rows == s.rows
+        ids = shard.column("id" if "id" in shard.column_names else "ids").to_pylist()
+        assert ids == sorted(ids)
     for col in c.token_columns:
         assert pc.max(pc.list_flatten(t.column(col))).as_py() < m.tokenizer["vocab_size"]
     for col in c.non_empty:
         assert pc.min(pc.list_value_length(t.column(col))).as_py() > 0
-    ids = t.column("id" if "id" in t.column_names else "ids").to_pylist()
-    assert ids == sorted(ids)
 
 
 def dead_letters(out: str) -> list[dict]:
