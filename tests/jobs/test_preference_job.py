@@ -14,6 +14,7 @@ from kiln.cli import run_main
 from schemas.contracts import contract, schema_identity
 from schemas.manifest import read_manifest
 from schemas.shards import read_arrow_shard
+from schemas.validate import validate_path
 from tests.dataprep.chat_helpers import HH, train_tokenizer
 
 BEAM = ["--runner=DirectRunner"]
@@ -36,7 +37,9 @@ def table(out: str):
 
 
 def check_contract(out: str, tok_dir: str) -> None:
-    """The contract checks `kiln validate` makes, done here until schemas.validate lands."""
+    """`kiln validate` passes, and the shards say who they are and are sorted by id."""
+    report = validate_path(out)
+    assert report.ok, [str(i) for i in report.issues]
     m, t = table(out)
     c = contract(m.schema["name"])
     fp = load_tokenizer(tok_dir).fingerprint
@@ -117,6 +120,9 @@ def test_scored_pairs_hygiene_and_bad_lines(tmp_path, tok_dir):
     assert s["hygiene"].duplicate == 3 and s["hygiene"].kept == 4
     assert sorted(t.column("margin").to_pylist()) == [3.0, 4.0, 7.0, 9.0]
     assert [d["offset"] for d in dead_letters(out)] == [2, 6]
+    # the ledger has no fan-out field yet: validate flags exactly the parse -> pair boundary
+    assert [str(i.message) for i in validate_path(out).issues] == \
+        ["ledger: stage 'pair': input 9 != previous stage 'parse' kept 5"]
 
 
 def test_unpaired_and_prompts_kinds(tmp_path, tok_dir):
