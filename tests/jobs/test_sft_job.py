@@ -106,3 +106,21 @@ def test_config_file_and_format_override(tmp_path, tok_dir):
     assert m.ledger.stages[1].error == 1 and "missing field 'prompt'" in dead_letters(out)[0]["reason"]
     assert json.loads(json.dumps(m.extra["config"]))["template"]["add_bos"] is False
     assert not os.path.exists(os.path.join(out, "_work"))
+
+
+def test_length_drops_are_counted_per_reason(tmp_path, tok_dir):
+    from dataprep.chat.formats import iter_records, parse_record
+    from dataprep.chat.template import ChatTemplate
+    from dataprep.tokenizer import load_tokenizer
+
+    tpl = ChatTemplate(load_tokenizer(tok_dir))
+    lengths = [len(tpl.render(parse_record(rec, "messages")[0].messages).input_ids)
+               for _, rec, _ in iter_records(SFT_SAMPLE)]
+    out = str(tmp_path / "drop")
+    assert main(["--input", SFT_SAMPLE, "--tokenizer", tok_dir, "--out", out, "--max-seq-len", "128",
+                 "--set", "length.overflow=drop", "--set", "hygiene.dedup=false", *BEAM]) == 0
+    m, t = table(out)
+    length = m.ledger.stages[-1]
+    assert length.name == "length" and length.input == len(lengths) == 200
+    assert length.filtered == {"too_long": sum(n > 128 for n in lengths)}
+    assert sorted(map(len, t.column("input_ids").to_pylist())) == sorted(n for n in lengths if n <= 128)
