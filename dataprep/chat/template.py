@@ -34,12 +34,14 @@ from dataprep import special_tokens as st
 from dataprep.chat.formats import Message
 from dataprep.tokenizer import SentencePieceTokenizer, Tokenizer
 
+_HEADERS = ", ".join(f"'{role}': '{token}'" for role, token in st.ROLE_TOKENS.items())
 CHAT_TEMPLATE_JINJA = (
     "{{ bos_token }}"
+    f"{{% set headers = {{{_HEADERS}}} %}}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{% if message['role'] not in headers %}"
     "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
-    "{{ '<|' + message['role'] + '|>' }}"
+    "{{ headers[message['role']] }}"
     "{% if message['role'] == 'assistant' %}{% generation %}"
     f"{{{{ message['content'] + '{st.END_OF_TURN}' }}}}"
     "{% if loop.last and not add_generation_prompt %}{{ eos_token }}{% endif %}"
@@ -48,7 +50,6 @@ CHAT_TEMPLATE_JINJA = (
     "{% endfor %}"
     f"{{% if add_generation_prompt %}}{{{{ '{st.ASSISTANT}' }}}}{{% endif %}}"
 )
-assert all(f"<|{r}|>" == st.ROLE_TOKENS[r] for r in st.ROLE_TOKENS)  # the Jinja builds headers
 
 
 @dataclass(frozen=True)
