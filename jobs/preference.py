@@ -98,8 +98,8 @@ def detect_kind(inputs: Sequence[str], formats: Sequence[str]) -> str:
 
 STAGES = ("read", "parse", "pair", "hygiene", "length", "pack")
 # `pair` (scored completions, all_pairs rule) fans out: its unit is the candidate pair (each
-# kept record offers n(n-1)/2), so its input is not the records `parse` kept. The manifest
-# ledger has no fan-out field yet; `extra.fanout` records the boundary and the check skips it.
+# kept record offers n(n-1)/2), so its input is not the records `parse` kept; its ledger stage
+# records `derived_from` (the records it came from), which the chain check compares instead.
 FANOUT_STAGE = "pair"
 
 
@@ -145,15 +145,16 @@ def run_chat_job(job: ChatJob, beam_args: list[str], tokenizer: Any, config: dic
         fanout = job.rule.rule == "all_pairs"
         stages = [s for s in STAGES if (s != "pack" or job.pack) and (s != FANOUT_STAGE or fanout)]
         ledger, notes = ledger_from_counts(counts, stages)
-        problems = [p for p in ledger.check()
-                    if not (fanout and p.startswith(f"stage '{FANOUT_STAGE}': input"))]
+        if fanout:
+            by_name = {x.name: x for x in ledger.stages}
+            by_name[FANOUT_STAGE].derived_from = by_name["parse"].kept
+        problems = ledger.check()
         if problems:
             raise DataError("ledger does not balance: " + "; ".join(problems), path=job.out_dir)
         name = "sft_packed" if job.pack else job.kind
         extra: dict[str, Any] = {"config": config, "counts": notes,
                                  "inputs": list(job.inputs)}
         if fanout:
-            by_name = {x.name: x for x in ledger.stages}
             extra["fanout"] = {"stage": FANOUT_STAGE, "records": by_name["parse"].kept,
                                "candidates": by_name[FANOUT_STAGE].input}
         if job.pack:
