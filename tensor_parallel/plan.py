@@ -1,0 +1,581 @@
+"""`kiln plan`: rank TP x PP (x VPP) x DP layouts of a Llama-style model by estimated memory per GPU.
+
+Memory per GPU is counted tensor by tensor in the manner of Korthikanti et al. 2022, "Reducing
+Activation Recomputation in Large Transformer Models" (Table 2 and section 4), which Megatron-LM's
+`theoretical_memory_usage.py` also follows, generalised to what Llama models run: grouped-query
+attention, SwiGLU, RMSNorm, no dropout, untied or tied embeddings, a padded vocabulary.
+
+- Parameters are counted exactly as megatron's `GPTModel` holds them, per pipeline stage and per
+  tensor-parallel rank (column/row-parallel weights split over TP, norms replicated).
+- Bytes per parameter follow Megatron's mixed-precision recipe: bf16 weights, fp32 main gradients,
+  Adam with an fp32 master copy and two fp32 moments (12 bytes, sharded over DP by the distributed
+  optimizer, ZeRO-1). FP8 (Transformer Engine) adds a cached FP8 copy of each GEMM weight and its
+  transpose, and stores GEMM inputs in FP8.
+- Activations are the tensors autograd keeps for backward, per micro-batch and layer, for two
+  kernel sets: `te` (Transformer Engine on GPU: flash attention, fused norms and SwiGLU) and `local`
+  (megatron's local spec, used on CPU: unfused attention with an s x s softmax, torch RMSNorm).
+  The in-flight micro-batches per stage follow megatron's 1F1B and interleaved schedules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from kiln.config import from_dict, read_yaml
+from kiln.errors import UsageError
+
+Dtype = Literal["fp32", "bf16", "fp8"]
+Backend = Literal["te", "local"]
+Recompute = Literal["none", "selective", "full"]
+RECOMPUTE_MODES: tuple[Recompute, ...] = ("none", "selective", "full")
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape of a megatron GPT model (keys as in the trainer config's `model:` section)."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    seq_length: int = 4096
+    tie_embeddings: bool = False
+    kv_channels: int | None = None
+    gated_linear_unit: bool = True
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    add_bias_linear: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    make_vocab_size_divisible_by: int = 128
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                    "num_query_groups", "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
+            if getattr(self, key) <= 0:
+                raise UsageError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise UsageError(f"model.num_attention_heads ({self.num_attention_heads}) is not "
+                             f"divisible by model.num_query_groups ({self.num_query_groups})")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise UsageError(f"model.hidden_size ({self.hidden_size}) is not divisible by "
+                             f"model.num_attention_heads ({self.num_attention_heads}); set kv_channels")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_query_groups * self.head_dim
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Megatron-LM pads the vocabulary to a multiple of `make_vocab_size_divisible_by * TP`."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+
+# Llama 3.2 1B, Llama 3.1 8B and Llama 3.1 70B as published (config.json of each checkpoint).
+NAMED_MODELS: dict[str, ModelShape] = {
+    "llama-1b": ModelShape(16, 2048, 8192, 32, 8, 128256, 8192, tie_embeddings=True, name="llama-1b"),
+    "llama-8b": ModelShape(32, 4096, 14336, 32, 8, 128256, 8192, name="llama-8b"),
+    "llama-70b": ModelShape(80, 8192, 28672, 64, 8, 128256, 8192, name="llama-70b"),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to place the model on `tp * pp * dp` GPUs; `vpp` chunks per stage when interleaved."""
+
+    tp: int
+    pp: int
+    dp: int
+    vpp: int | None = None
+    sequence_parallel: bool = True
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def chunks(self) -> int:
+        return self.vpp or 1
+
+    def __str__(self) -> str:
+        vpp = f" vpp{self.vpp}" if self.vpp else ""
+        return f"tp{self.tp} pp{self.pp}{vpp} dp{self.dp}"
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What one optimizer step processes, and with which numerics and kernels."""
+
+    seq_length: int
+    micro_batch_size: int = 1
+    global_batch_size: int = 512
+    dtype: Dtype = "bf16"
+    backend: Backend = "te"
+
+    def num_microbatches(self, layout: Layout) -> int:
+        per_step = self.micro_batch_size * layout.dp
+        if self.global_batch_size % per_step:
+            raise UsageError(f"global batch {self.global_batch_size} is not divisible by "
+                             f"micro-batch {self.micro_batch_size} x dp {layout.dp}")
+        return self.global_batch_size // per_step
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes held by one GPU of pipeline stage `stage` (every TP and DP rank of it is alike)."""
+
+    stage: int
+    params: int
+    weights: int
+    gradients: int
+    optimizer: int
+    optimizer_distributed: int
+    activations: dict[str, int]
+
+    def total(self, distributed_optimizer: bool, recompute: Recompute) -> int:
+        optimizer = self.optimizer_distributed if distributed_optimizer else self.optimizer
+        return self.weights + self.gradients + optimizer + self.activations[recompute]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-stage memory of one layout; `peak` is the most loaded GPU for a setting."""
+
+    layout: Layout
+    num_microbatches: int
+    stages: tuple[StageMemory, ...]
+
+    def peak(self, distributed_optimizer: bool, recompute: Recompute) -> int:
+        return max(s.total(distributed_optimizer, recompute) for s in self.stages)
+
+    @property
+    def heaviest(self) -> StageMemory:
+        """The stage holding the most parameters (the one whose weight columns are shown)."""
+        return max(self.stages, key=lambda s: s.params)
+
+    def activations(self, recompute: Recompute) -> int:
+        return max(s.activations[recompute] for s in self.stages)
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def layer_parameters(model: ModelShape, tp: int = 1) -> int:
+    """Parameters of one transformer layer on one TP rank (megatron local or TE spec)."""
+    h, bias = model.hidden_size, model.add_bias_linear
+    norm = h * (1 if model.normalization == "RMSNorm" else 2)
+    qkv_out = model.query_size + 2 * model.kv_size
+    fc1_out = model.ffn_hidden_size * (2 if model.gated_linear_unit else 1)
+    split = (qkv_out * h + model.query_size * h + fc1_out * h + model.ffn_hidden_size * h
+             + (qkv_out + fc1_out if bias else 0))
+    replicated = 2 * norm + (2 * h if bias else 0)  # row-parallel biases are not split
+    return split // tp + replicated
+
+
+def stage_parameters(model: ModelShape, layout: Layout, stage: int) -> int:
+    """Parameters one TP rank of pipeline stage `stage` holds, as megatron builds it."""
+    vocab = model.padded_vocab_size(layout.tp) * model.hidden_size // layout.tp
+    params = layer_parameters(model, layout.tp) * (model.num_layers // layout.pp)
+    if stage == 0:
+        params += vocab
+    if stage == layout.pp - 1:
+        params += model.hidden_size * (1 if model.normalization == "RMSNorm" else 2)
+        # With tied embeddings and PP > 1 the last stage keeps its own copy of the embedding.
+        if not model.tie_embeddings or layout.pp > 1:
+            params += vocab
+    return params
+
+
+def count_parameters(model: ModelShape) -> int:
+    """All parameters of the model, with megatron's vocabulary padding at TP=1."""
+    return stage_parameters(model, Layout(tp=1, pp=1, dp=1), 0)
+
+
+def gemm_weights_per_layer(model: ModelShape, tp: int) -> int:
+    h = model.hidden_size
+    fc1_out = model.ffn_hidden_size * (2 if model.gated_linear_unit else 1)
+    return (model.query_size + 2 * model.kv_size + model.query_size + fc1_out
+            + model.ffn_hidden_size) * h // tp
+
+
+# ---------------------------------------------------------------- activations
+
+
+def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
+                      recompute: Recompute = "none") -> int:
+    """Bytes one layer keeps for backward per micro-batch on one TP rank (`recompute` != full)."""
+    s, b, h, f = setup.seq_length, setup.micro_batch_size, model.hidden_size, model.ffn_hidden_size
+    a, hq, hkv, t = model.num_attention_heads, model.query_size, model.kv_size, layout.tp
+    e = 4 if setup.dtype == "fp32" else 2
+    gemm_in = 1 if setup.dtype == "fp8" else e  # TE keeps FP8 copies of GEMM inputs
+    sb = s * b
+    # Tensors over the hidden dimension that TP replicates unless sequence parallelism splits them.
+    shard = t if layout.sequence_parallel else 1
+    replicated = split = 0
+    if setup.backend == "local":
+        # torch RMSNorm keeps its input, the normalised input and 1/rms; its output feeds a GEMM.
+        replicated += 2 * (3 * e * sb * h + e * sb)
+        if recompute == "selective":  # checkpointed core-attention inputs; V views the fused QKV
+            split += e * sb * (2 * hq + 3 * hkv)
+        else:
+            kv = 2 * hq if a > model.num_query_groups else hkv + (hq + 2 * hkv)  # GQA repeats K/V
+            softmax = 4 * a * s * s * b + (e * a * s * s * b if e != 4 else 0)
+            split += e * sb * (hq + kv) + softmax
+            if model.attention_dropout > 0:
+                split += a * s * s * b * (1 + (e if e == 4 else 0))
+        split += e * sb * hq  # attention output, the input of linear_proj
+        glu = 5 * f if model.gated_linear_unit else 2 * f  # fc1 out (2f), silu, x_linear, product
+        split += e * sb * glu
+        fixed = 16 * s * model.head_dim  # RoPE cos/sin of q and k, fp32, per layer
+    else:
+        # TE norms keep their input (and fp32 1/rms); the normalised output feeds the next GEMM.
+        replicated += 2 * ((e + gemm_in) * sb * h + 4 * sb)
+        split += e * sb * (hq + 2 * hkv) + e * sb * hq  # flash attention: q, k, v and its output
+        if setup.dtype == "fp8":
+            split += sb * hq  # FP8 copy of linear_proj's input
+        if recompute == "none":
+            split += 4 * a * sb  # softmax log-sum-exp
+        glu_in = 2 * f if model.gated_linear_unit else f  # fused SwiGLU keeps only its input
+        split += e * sb * glu_in + gemm_in * sb * f
+        fixed = 0
+    if model.hidden_dropout > 0:
+        replicated += 2 * sb * h  # one-byte masks after attention and MLP
+    return replicated // shard + split // t + fixed
+
+
+def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, stage: int,
+                      recompute: Recompute) -> int:
+    """Peak activation bytes on one GPU of `stage` under megatron's pipeline schedule."""
+    s, b, h, t = setup.seq_length, setup.micro_batch_size, model.hidden_size, layout.tp
+    e = 4 if setup.dtype == "fp32" else 2
+    shard = t if layout.sequence_parallel else 1
+    layers_per_chunk = model.num_layers // (layout.pp * layout.chunks)
+    m = setup.num_microbatches(layout)
+    if layout.pp == 1:
+        in_flight_chunks = 1
+    elif layout.vpp is None:
+        in_flight_chunks = min(layout.pp - stage, m)
+    else:  # interleaved 1F1B warm-up, as in megatron's get_pp_rank_microbatches
+        warmup = (layout.pp - stage - 1) * 2 + (layout.vpp - 1) * layout.pp
+        in_flight_chunks = min(warmup + 1, m * layout.vpp)
+    if recompute == "full":
+        per_layer = e * s * b * h // shard  # each layer keeps only its input
+        # During backward one layer at a time is recomputed in full.
+        transient = layer_activations(model, layout, setup, "none")
+    else:
+        per_layer = layer_activations(model, layout, setup, recompute)
+        transient = 0
+    layers = per_layer * layers_per_chunk * in_flight_chunks
+    in_flight_microbatches = math.ceil(in_flight_chunks / layout.chunks)
+    extra = 0
+    if stage == 0:
+        extra += 8 * s * b  # token ids kept by the embedding lookup
+        if model.hidden_dropout > 0:
+            extra += s * b * h // shard
+        if setup.backend == "local":
+            extra += s * s  # the boolean causal mask handed to every layer
+        extra *= in_flight_microbatches
+    if stage == layout.pp - 1:
+        vocab = model.padded_vocab_size(t) // t
+        norm = (3 * e * s * b * h + e * s * b) if setup.backend == "local" else 2 * e * s * b * h
+        # fp32 softmax kept by the vocab-parallel cross entropy, plus its index bookkeeping.
+        extra += norm // shard + 4 * s * b * vocab + 9 * s * b
+    return layers + transient + extra
+
+
+# ---------------------------------------------------------------- estimate
+
+
+def bytes_per_parameter(dtype: Dtype) -> tuple[int, int, int]:
+    """(weight, gradient, optimizer) bytes: fp32 keeps no master copy; Adam has two moments."""
+    if dtype == "fp32":
+        return 4, 4, 8
+    return 2, 4, 12  # bf16/fp8: bf16 weight, fp32 main grad, fp32 master + m + v
+
+
+def estimate_stage_memory(model: ModelShape, layout: Layout, setup: TrainingSetup,
+                          stage: int) -> StageMemory:
+    params = stage_parameters(model, layout, stage)
+    weight_b, grad_b, optim_b = bytes_per_parameter(setup.dtype)
+    weights = params * weight_b
+    if setup.dtype == "fp8":  # Transformer Engine caches the FP8 weight and its transpose
+        weights += 2 * gemm_weights_per_layer(model, layout.tp) * (model.num_layers // layout.pp)
+    activations = {r: stage_activations(model, layout, setup, stage, r) for r in RECOMPUTE_MODES}
+    return StageMemory(stage=stage, params=params, weights=weights, gradients=params * grad_b,
+                       optimizer=params * optim_b,
+                       optimizer_distributed=-(-params * optim_b // layout.dp),
+                       activations=activations)
+
+
+def check_layout(model: ModelShape, layout: Layout, setup: TrainingSetup) -> str | None:
+    """Why megatron would refuse `layout` for this model and batch, or None if it is valid."""
+    if model.num_attention_heads % layout.tp or model.num_query_groups % layout.tp:
+        return f"tp {layout.tp} does not divide the attention heads and query groups"
+    if model.ffn_hidden_size % layout.tp:
+        return f"tp {layout.tp} does not divide ffn_hidden_size"
+    if model.num_layers % (layout.pp * layout.chunks):
+        vpp = f" x vpp {layout.vpp}" if layout.vpp else ""
+        return f"pp {layout.pp}{vpp} does not divide {model.num_layers} layers"
+    if layout.vpp is not None and layout.pp < 2:
+        return "virtual pipeline stages need pp >= 2"
+    if setup.global_batch_size % (setup.micro_batch_size * layout.dp):
+        return f"global batch is not divisible by micro-batch x dp {layout.dp}"
+    if layout.vpp is not None and setup.num_microbatches(layout) % layout.pp:
+        return "the interleaved schedule needs micro-batches divisible by pp"
+    return None
+
+
+def estimate_memory(model: ModelShape, layout: Layout, setup: TrainingSetup) -> MemoryEstimate:
+    """Memory of every pipeline stage of `layout`; raises UsageError for an invalid layout."""
+    reason = check_layout(model, layout, setup)
+    if reason:
+        raise UsageError(f"layout {layout}: {reason}")
+    stages = tuple(estimate_stage_memory(model, layout, setup, p) for p in range(layout.pp))
+    return MemoryEstimate(layout, setup.num_microbatches(layout), stages)
+
+
+# ---------------------------------------------------------------- ranking
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A layout, its memory, the cheapest setting that fits, and a relative speed for ordering."""
+
+    estimate: MemoryEstimate
+    distributed_optimizer: bool
+    recompute: Recompute
+    peak_bytes: int
+    fits: bool
+    throughput: float
+
+    @property
+    def layout(self) -> Layout:
+        return self.estimate.layout
+
+
+# Relative cost of recomputation (full recompute re-runs the forward: 3 units of work become 4).
+_RECOMPUTE_SPEED = {"none": 1.0, "selective": 0.97, "full": 0.75}
+
+
+def stage_balance(model: ModelShape, layout: Layout, seq_length: int) -> float:
+    """Mean over slowest stage work: the last stage also runs the output layer and the loss.
+
+    Work per token is counted as GEMM multiply-adds (parameters) plus causal attention's
+    2 * s * query_size; the embedding lookup is free.
+    """
+    layer = layer_parameters(model) + seq_length * model.query_size
+    output = model.padded_vocab_size(layout.tp) * model.hidden_size
+    per_stage = layer * (model.num_layers // layout.pp)
+    return (per_stage * layout.pp + output) / layout.pp / (per_stage + output)
+
+
+def throughput_proxy(model: ModelShape, layout: Layout, setup: TrainingSetup,
+                     recompute: Recompute, gpus_per_node: int) -> float:
+    """Relative step speed, only for ordering layouts: bubble, stage balance, TP, recompute.
+
+    The 1F1B bubble is (pp - 1) / (vpp * m) of the ideal time (Narayanan et al. 2021); a pipeline
+    runs at the pace of its slowest stage; each TP doubling inside a node costs a few percent of
+    all-reduce/all-gather time, and TP across nodes (no NVLink) halves the speed; interleaving adds
+    point-to-point traffic per extra chunk.
+    """
+    work = layout.chunks * setup.num_microbatches(layout)
+    pipeline = work / (work + layout.pp - 1) * stage_balance(model, layout, setup.seq_length)
+    tp = 0.96 ** math.log2(layout.tp) * (0.5 if layout.tp > gpus_per_node else 1.0)
+    interleave = 0.99 ** (layout.chunks - 1)
+    return pipeline * tp * interleave * _RECOMPUTE_SPEED[recompute]
+
+
+def candidate_layouts(model: ModelShape, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
+    """Every tp x pp (x vpp) x dp = gpus with tp inside a node; validity is checked separately."""
+    layouts = []
+    for tp in _divisors(gpus):
+        if tp > gpus_per_node:
+            continue
+        for pp in _divisors(gpus // tp):
+            if pp > model.num_layers:
+                continue
+            dp = gpus // (tp * pp)
+            layouts.append(Layout(tp, pp, dp, None, tp > 1))
+            if pp > 1:
+                for vpp in _divisors(model.num_layers // pp if model.num_layers % pp == 0 else 1):
+                    if vpp > 1:
+                        layouts.append(Layout(tp, pp, dp, vpp, tp > 1))
+    return layouts
+
+
+def plan_layouts(model: ModelShape, gpus: int, gpu_memory_gb: float, setup: TrainingSetup,
+                 gpus_per_node: int = 8, reserve_gb: float = 4.0) -> tuple[list[Plan], dict[str, int]]:
+    """Rank valid layouts: those that fit first, then by throughput proxy, then by peak memory.
+
+    `reserve_gb` is kept free for the CUDA context, communication buffers and fragmentation. For
+    each layout the distributed optimizer is used whenever dp > 1, and the cheapest recomputation
+    that fits is chosen. Returns the plans and, per reason, how many layouts were invalid.
+    """
+    if gpus <= 0:
+        raise UsageError(f"--gpus must be positive, got {gpus}")
+    budget = (gpu_memory_gb - reserve_gb) * GIB
+    plans, rejected = [], {}
+    for layout in candidate_layouts(model, gpus, gpus_per_node):
+        reason = check_layout(model, layout, setup)
+        if reason:
+            rejected[reason] = rejected.get(reason, 0) + 1
+            continue
+        estimate = estimate_memory(model, layout, setup)
+        dist_opt = layout.dp > 1
+        recompute = next((r for r in RECOMPUTE_MODES if estimate.peak(dist_opt, r) <= budget), "full")
+        peak = estimate.peak(dist_opt, recompute)
+        speed = throughput_proxy(model, layout, setup, recompute, gpus_per_node)
+        plans.append(Plan(estimate, dist_opt, recompute, peak, peak <= budget, speed))
+    # Layouts that fit go by speed; the rest by how close they come to fitting.
+    plans.sort(key=lambda p: (0, -round(p.throughput, 6), p.peak_bytes) if p.fits
+               else (1, p.peak_bytes, -p.throughput))
+    return plans, rejected
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def load_model(spec: str) -> ModelShape:
+    """A named size (`llama-8b`) or a trainer YAML whose `model:` section gives the shape."""
+    if spec in NAMED_MODELS:
+        return NAMED_MODELS[spec]
+    if not spec.endswith((".yaml", ".yml")):
+        raise UsageError(f"--model '{spec}' is neither a known size "
+                         f"({', '.join(NAMED_MODELS)}) nor a .yaml config")
+    section = read_yaml(spec).get("model")
+    if not isinstance(section, dict):
+        raise UsageError(f"{spec}: no 'model:' section")
+    known = {f.name for f in dataclasses.fields(ModelShape)}
+    # The trainer's model section has more keys (rope base, init...): take the ones shapes need.
+    shape = from_dict(ModelShape, {k: v for k, v in section.items() if k in known}, prefix="model")
+    return dataclasses.replace(shape, name=spec)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def plan_rows(plans: Sequence[Plan]) -> list[dict]:
+    """Machine-readable view of ranked plans (what `--json` prints)."""
+    rows = []
+    for rank, plan in enumerate(plans, 1):
+        est, stage = plan.estimate, plan.estimate.heaviest
+        rows.append({
+            "rank": rank, "tp": plan.layout.tp, "pp": plan.layout.pp, "vpp": plan.layout.vpp,
+            "dp": plan.layout.dp, "sequence_parallel": plan.layout.sequence_parallel,
+            "num_microbatches": est.num_microbatches, "params_per_gpu": stage.params,
+            "weights_bytes": stage.weights, "gradients_bytes": stage.gradients,
+            "optimizer_bytes": stage.optimizer,
+            "optimizer_distributed_bytes": stage.optimizer_distributed,
+            "activations_bytes": {r: est.activations(r) for r in RECOMPUTE_MODES},
+            "distributed_optimizer": plan.distributed_optimizer, "recompute": plan.recompute,
+            "peak_bytes": plan.peak_bytes, "fits": plan.fits,
+            "throughput_proxy": round(plan.throughput, 4),
+        })
+    return rows
+
+
+def print_table(plans: Sequence[Plan], title: str, top: int | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for name in ("#", "layout", "m", "params/GPU", "weights", "grads", "optim", "optim ZeRO-1",
+                 "act none", "act sel", "act full", "setting", "peak GiB", "fits", "speed"):
+        table.add_column(name, justify="left" if name in ("layout", "setting") else "right")
+    for row, plan in zip(plan_rows(plans)[:top], plans[:top], strict=False):
+        act = row["activations_bytes"]
+        setting = ("ZeRO-1" if plan.distributed_optimizer else "Adam") + f" + {plan.recompute}"
+        table.add_row(
+            str(row["rank"]), str(plan.layout), str(row["num_microbatches"]),
+            f"{row['params_per_gpu'] / 1e9:.2f}B", _gib(row["weights_bytes"]),
+            _gib(row["gradients_bytes"]), _gib(row["optimizer_bytes"]),
+            _gib(row["optimizer_distributed_bytes"]), _gib(act["none"]), _gib(act["selective"]),
+            _gib(act["full"]), setting, _gib(plan.peak_bytes), "yes" if plan.fits else "NO",
+            f"{plan.throughput:.3f}",
+        )
+    Console(width=max(160, Console().width)).print(table)
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kiln plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True,
+                        help=f"{', '.join(NAMED_MODELS)} or a trainer YAML config with a model: section")
+    parser.add_argument("--gpus", type=int, required=True)
+    parser.add_argument("--gpu-memory-gb", type=float, required=True, help="GiB per GPU")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--seq-length", type=int, help="default: the model's seq_length")
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--global-batch-size", type=int, default=512)
+    parser.add_argument("--dtype", choices=["bf16", "fp8", "fp32"], default="bf16")
+    parser.add_argument("--backend", choices=["te", "local"], default="te",
+                        help="te: Transformer Engine kernels (GPU); local: megatron local spec (CPU)")
+    parser.add_argument("--reserve-gb", type=float, default=4.0,
+                        help="GiB kept free for CUDA context, NCCL buffers and fragmentation")
+    parser.add_argument("--top", type=int, default=25, help="rows to print (0: all)")
+    parser.add_argument("--json", action="store_true", help="print every ranked layout as JSON")
+    args = parser.parse_args(argv)
+
+    model = load_model(args.model)
+    for flag in ("gpus", "gpus_per_node", "micro_batch_size", "global_batch_size"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
+    if args.gpu_memory_gb <= args.reserve_gb:
+        raise UsageError("--gpu-memory-gb must exceed --reserve-gb")
+    setup = TrainingSetup(args.seq_length or model.seq_length, args.micro_batch_size,
+                          args.global_batch_size, args.dtype, args.backend)
+    plans, rejected = plan_layouts(model, args.gpus, args.gpu_memory_gb, setup,
+                                   args.gpus_per_node, args.reserve_gb)
+    if not plans:
+        reasons = "; ".join(f"{n} x {why}" for why, n in sorted(rejected.items()))
+        raise UsageError(f"no valid layout of {model.name} on {args.gpus} GPUs ({reasons})")
+    fitting = sum(p.fits for p in plans)
+    if args.json:
+        print(json.dumps({"model": dataclasses.asdict(model), "setup": dataclasses.asdict(setup),
+                          "gpus": args.gpus, "gpu_memory_gb": args.gpu_memory_gb,
+                          "parameters": count_parameters(model), "fitting": fitting,
+                          "rejected": rejected, "layouts": plan_rows(plans)}, indent=1))
+    else:
+        title = (f"{model.name}: {count_parameters(model) / 1e9:.2f}B parameters on {args.gpus} x "
+                 f"{args.gpu_memory_gb:g} GiB, seq {setup.seq_length}, micro-batch "
+                 f"{setup.micro_batch_size}, global batch {setup.global_batch_size}, {setup.dtype}, "
+                 f"{setup.backend} kernels; memory in GiB per GPU (most loaded stage)")
+        print_table(plans, title, args.top or None)
+        if rejected:
+            print("invalid layouts skipped: "
+                  + "; ".join(f"{n} x {why}" for why, n in sorted(rejected.items())))
+    if not fitting:
+        best = min(plans, key=lambda p: p.peak_bytes)
+        print(f"error: no layout fits in {args.gpu_memory_gb:g} GiB per GPU "
+              f"(minus {args.reserve_gb:g} reserved); the smallest, {best.layout} with "
+              f"{best.recompute} recomputation, needs {_gib(best.peak_bytes)} GiB", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from kiln.cli import entry
+
+    sys.exit(entry(main))
