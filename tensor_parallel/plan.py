@@ -231,8 +231,7 @@ def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
     shard = t if layout.sequence_parallel else 1
     replicated = split = 0
     if setup.backend == "local":
-        # torch RMSNorm keeps its input, the normalised input and 1/rms; its output feeds a GEMM.
-        replicated += 2 * (3 * e * sb * h + e * sb)
+        replicated += 2 * _torch_norm_bytes(model, e, sb)
         if recompute == "selective":  # checkpointed core-attention inputs; V views the fused QKV
             split += e * sb * (2 * hq + 3 * hkv)
         else:
@@ -244,7 +243,7 @@ def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
         split += e * sb * hq  # attention output, the input of linear_proj
         glu = 5 * f if model.gated_linear_unit else 2 * f  # fc1 out (2f), silu, x_linear, product
         split += e * sb * glu
-        fixed = 16 * s * model.head_dim  # RoPE cos/sin of q and k, fp32, per layer
+        fixed = 4 * s * model.head_dim * e  # RoPE cos and sin for q and k, per layer
     else:
         # TE norms keep their input (and fp32 1/rms); the normalised output feeds the next GEMM.
         replicated += 2 * ((e + gemm_in) * sb * h + 4 * sb)
@@ -259,6 +258,19 @@ def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
     if model.hidden_dropout > 0:
         replicated += 2 * sb * h  # one-byte masks after attention and MLP
     return replicated // shard + split // t + fixed
+
+
+def _torch_norm_bytes(model: ModelShape, e: int, sb: int) -> int:
+    """What a torch norm (megatron's local spec without Apex) keeps, its output included.
+
+    RMSNorm is composite: it upcasts to fp32 and keeps that input, the normalised input and
+    1/rms. LayerNorm is one kernel keeping its input, fp32 mean and 1/std. The output is kept
+    by the GEMM it feeds.
+    """
+    h = model.hidden_size
+    if model.normalization == "RMSNorm":
+        return (4 + 4 + e) * sb * h + 4 * sb
+    return 2 * e * sb * h + 8 * sb
 
 
 def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, stage: int,
@@ -295,7 +307,10 @@ def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, s
         extra *= in_flight_microbatches
     if stage == layout.pp - 1:
         vocab = model.padded_vocab_size(t) // t
-        norm = (3 * e * s * b * h + e * s * b) if setup.backend == "local" else 2 * e * s * b * h
+        if setup.backend == "local":
+            norm = _torch_norm_bytes(model, e, s * b)
+        else:
+            norm = 2 * e * s * b * h + 4 * s * b
         # fp32 softmax kept by the vocab-parallel cross entropy, plus its index bookkeeping.
         extra += norm // shard + 4 * s * b * vocab + 9 * s * b
     return layers + transient + extra
