@@ -25,6 +25,8 @@ and no tensor parallelism (a single rank) otherwise.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -36,11 +38,11 @@ def resolve_group(group: ProcessGroup | None) -> ProcessGroup | None:
     """The given group; else megatron's TP group if initialised; else None (a single rank)."""
     if group is not None:
         return group
-    try:
-        from megatron.core import parallel_state
-    except ImportError:
+    # Never imported means never initialised: spare the multi-second megatron import.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is None or not (dist.is_available() and dist.is_initialized()):
         return None
-    if dist.is_available() and dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+    if parallel_state.model_parallel_is_initialized():
         return parallel_state.get_tensor_model_parallel_group()
     return None
 
@@ -63,8 +65,8 @@ def _compute_dtype(logits: Tensor) -> torch.dtype:
 
 
 def _shifted_logits(logits: Tensor, temperature: float,
-                    group: ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(x, log Z, max): x = (logits - global max) / T in a fresh buffer, log Z = logsumexp(x)."""
+                    group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+    """(x, max): x = (logits - global max) / T in a fresh float buffer, so x <= 0 everywhere."""
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     x = logits.detach().to(_compute_dtype(logits), copy=True)
@@ -72,8 +74,19 @@ def _shifted_logits(logits: Tensor, temperature: float,
     x.sub_(logits_max.unsqueeze(-1))
     if temperature != 1.0:
         x.div_(temperature)
+    return x, logits_max
+
+
+def _softmax_(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+    """Turn shifted logits x into this slice of the softmax in place; also return log Z."""
+    sum_exp = _all_reduce(x.exp_().sum(dim=-1), dist.ReduceOp.SUM, group)
+    return x.div_(sum_exp.unsqueeze(-1)), sum_exp.log()
+
+
+def _log_softmax_(x: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Turn shifted logits x into this slice of the log-softmax in place."""
     sum_exp = _all_reduce(x.exp().sum(dim=-1), dist.ReduceOp.SUM, group)
-    return x, sum_exp.log(), logits_max
+    return x.sub_(sum_exp.log().unsqueeze(-1))
 
 
 def _local_target(targets: Tensor, vocab_shard: int, rank: int) -> tuple[Tensor, Tensor]:
@@ -91,12 +104,12 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     def forward(ctx, logits: Tensor, targets: Tensor, temperature: float,
                 group: ProcessGroup | None) -> Tensor:
         rank, _ = _world(group)
-        x, log_z, _ = _shifted_logits(logits, temperature, group)
+        x, _ = _shifted_logits(logits, temperature, group)
         local, owned = _local_target(targets, x.shape[-1], rank)
         target_x = x.gather(-1, local.unsqueeze(-1)).squeeze(-1) * owned
         target_x = _all_reduce(target_x, dist.ReduceOp.SUM, group)
-        # x becomes the softmax in place: the only vocabulary-sized buffer kept for backward.
-        softmax = x.sub_(log_z.unsqueeze(-1)).exp_()
+        # x becomes the softmax in place: the only vocabulary-sized buffer, kept for backward.
+        softmax, log_z = _softmax_(x, group)
         ctx.save_for_backward(softmax, local, owned)
         ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
         return target_x - log_z
@@ -115,8 +128,8 @@ class _VocabParallelEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, temperature: float, group: ProcessGroup | None) -> Tensor:
-        x, log_z, _ = _shifted_logits(logits, temperature, group)
-        log_p = x.sub_(log_z.unsqueeze(-1))  # in place: log-probabilities of this slice
+        x, _ = _shifted_logits(logits, temperature, group)
+        log_p = _log_softmax_(x, group)
         p_log_p = _all_reduce(_xlogx(log_p).sum(dim=-1), dist.ReduceOp.SUM, group)
         entropy = -p_log_p
         ctx.save_for_backward(log_p, entropy)
@@ -136,8 +149,8 @@ class _VocabParallelLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, temperature: float, group: ProcessGroup | None) -> Tensor:
-        x, log_z, logits_max = _shifted_logits(logits, temperature, group)
-        softmax = x.sub_(log_z.unsqueeze(-1)).exp_()
+        x, logits_max = _shifted_logits(logits, temperature, group)
+        softmax, log_z = _softmax_(x, group)
         ctx.save_for_backward(softmax)
         ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
         return log_z + logits_max / temperature
@@ -155,8 +168,8 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, temperature: float, group: ProcessGroup | None) -> Tensor:
-        x, log_z, _ = _shifted_logits(logits, temperature, group)
-        log_p = x.sub_(log_z.unsqueeze(-1))
+        x, _ = _shifted_logits(logits, temperature, group)
+        log_p = _log_softmax_(x, group)
         ctx.save_for_backward(log_p)
         ctx.temperature, ctx.logits_dtype, ctx.group = temperature, logits.dtype, group
         return log_p

@@ -22,6 +22,7 @@ from tensor_parallel.plan import (
     plan_layouts,
     stage_activations,
 )
+from tensor_parallel.plan.memory import layer_activations
 
 PROBE = Path(__file__).with_name("_ops_megatron_probe.py")
 SINGLE = Layout(tp=1, pp=1, dp=1, sequence_parallel=False)
@@ -85,6 +86,30 @@ def test_activation_estimate_matches_tensors_saved_for_backward(name, dtype, meg
     estimated = stage_activations(shape, SINGLE, setup, 0, "none")
     measured = megatron_measurements[(name, dtype)]["activation_bytes"]
     assert estimated == pytest.approx(measured, rel=0.01)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 8])
+def test_te_formula_under_the_papers_assumptions_is_korthikanti_table_2(tp):
+    # Korthikanti et al. 2022, Table 2, per layer, 16-bit: selective recompute with sequence
+    # parallelism 34 sbh / t; without sequence parallelism sbh (10 + 24 / t). The paper's
+    # assumptions: multi-head attention, a 4h GELU MLP, LayerNorm, dropout after attention and MLP.
+    s, b, h = 2048, 2, 1024
+    model = ModelShape(1, h, 4 * h, 16, 16, 1024, s, gated_linear_unit=False,
+                       normalization="LayerNorm", hidden_dropout=0.1, attention_dropout=0.1)
+    setup = TrainingSetup(s, b, b, "bf16", "te")
+    norm_stats = 2 * 8 * s * b  # fp32 mean and 1/std of the two fused norms: not in the paper
+    with_sp = layer_activations(model, Layout(tp, 1, 1, sequence_parallel=True), setup, "selective")
+    assert with_sp == (34 * s * b * h + norm_stats) // tp
+    no_sp = layer_activations(model, Layout(tp, 1, 1, sequence_parallel=False), setup, "selective")
+    assert no_sp == 10 * s * b * h + norm_stats + 24 * s * b * h // tp
+
+
+def test_summary_names_the_most_loaded_stage():
+    estimate = estimate_memory(NAMED_MODELS["llama-8b"], Layout(2, 2, 4), TrainingSetup(8192, 1, 64))
+    line = estimate.summary(distributed_optimizer=True, recompute="selective")
+    assert line.startswith("tp2 pp2 dp4, pipeline stage 0, 2,007,629,824 parameters per GPU")
+    total = estimate.peak(True, "selective") / 2**30
+    assert line.endswith(f"total {total:.2f} GiB")
 
 
 def test_mixed_precision_bytes_follow_megatron_18_bytes_per_parameter():

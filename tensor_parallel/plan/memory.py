@@ -1,4 +1,4 @@
-"""`kiln plan`: rank TP x PP (x VPP) x DP layouts of a Llama-style model by estimated memory per GPU.
+"""Memory per GPU of a megatron GPT model in a TP x PP (x VPP) x DP layout, stage by stage.
 
 Memory per GPU is counted tensor by tensor in the manner of Korthikanti et al. 2022, "Reducing
 Activation Recomputation in Large Transformer Models" (Table 2 and section 4), which Megatron-LM's
@@ -19,16 +19,10 @@ attention, SwiGLU, RMSNorm, no dropout, untied or tied embeddings, a padded voca
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import math
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from kiln.config import from_dict, read_yaml
 from kiln.errors import UsageError
 
 Dtype = Literal["fp32", "bf16", "fp8"]
@@ -174,6 +168,16 @@ class MemoryEstimate:
     def activations(self, recompute: Recompute) -> int:
         return max(s.activations[recompute] for s in self.stages)
 
+    def summary(self, distributed_optimizer: bool, recompute: Recompute) -> str:
+        """One log line for the most loaded GPU, e.g. for the trainer to print at start."""
+        stage = max(self.stages, key=lambda s: s.total(distributed_optimizer, recompute))
+        optimizer = stage.optimizer_distributed if distributed_optimizer else stage.optimizer
+        parts = (("weights", stage.weights), ("grads", stage.gradients), ("optimizer", optimizer),
+                 (f"activations ({recompute} recompute)", stage.activations[recompute]),
+                 ("total", stage.total(distributed_optimizer, recompute)))
+        return (f"{self.layout}, pipeline stage {stage.stage}, {stage.params:,} parameters per GPU: "
+                + ", ".join(f"{name} {size / GIB:.2f} GiB" for name, size in parts))
+
 
 # ---------------------------------------------------------------- parameters
 
@@ -245,8 +249,8 @@ def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
         split += e * sb * glu
         fixed = 4 * s * model.head_dim * e  # RoPE cos and sin for q and k, per layer
     else:
-        # TE norms keep their input (and fp32 1/rms); the normalised output feeds the next GEMM.
-        replicated += 2 * ((e + gemm_in) * sb * h + 4 * sb)
+        # TE norms keep their input and fp32 statistics; their output feeds the next GEMM.
+        replicated += 2 * ((e + gemm_in) * sb * h + _te_norm_stats(model, sb))
         split += e * sb * (hq + 2 * hkv) + e * sb * hq  # flash attention: q, k, v and its output
         if setup.dtype == "fp8":
             split += sb * hq  # FP8 copy of linear_proj's input
@@ -258,6 +262,11 @@ def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
     if model.hidden_dropout > 0:
         replicated += 2 * sb * h  # one-byte masks after attention and MLP
     return replicated // shard + split // t + fixed
+
+
+def _te_norm_stats(model: ModelShape, sb: int) -> int:
+    """fp32 1/rms per token for RMSNorm; mean and 1/std for LayerNorm."""
+    return 4 * sb * (1 if model.normalization == "RMSNorm" else 2)
 
 
 def _torch_norm_bytes(model: ModelShape, e: int, sb: int) -> int:
@@ -310,7 +319,7 @@ def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, s
         if setup.backend == "local":
             norm = _torch_norm_bytes(model, e, s * b)
         else:
-            norm = 2 * e * s * b * h + 4 * s * b
+            norm = 2 * e * s * b * h + _te_norm_stats(model, s * b)
         # fp32 softmax kept by the vocab-parallel cross entropy, plus its index bookkeeping.
         extra += norm // shard + 4 * s * b * vocab + 9 * s * b
     return layers + transient + extra
@@ -365,232 +374,3 @@ def estimate_memory(model: ModelShape, layout: Layout, setup: TrainingSetup) -> 
         raise UsageError(f"layout {layout}: {reason}")
     stages = tuple(estimate_stage_memory(model, layout, setup, p) for p in range(layout.pp))
     return MemoryEstimate(layout, setup.num_microbatches(layout), stages)
-
-
-# ---------------------------------------------------------------- ranking
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A layout, its memory, the cheapest setting that fits, and a relative speed for ordering."""
-
-    estimate: MemoryEstimate
-    distributed_optimizer: bool
-    recompute: Recompute
-    peak_bytes: int
-    fits: bool
-    throughput: float
-
-    @property
-    def layout(self) -> Layout:
-        return self.estimate.layout
-
-
-# Relative cost of recomputation (full recompute re-runs the forward: 3 units of work become 4).
-_RECOMPUTE_SPEED = {"none": 1.0, "selective": 0.97, "full": 0.75}
-
-
-def stage_balance(model: ModelShape, layout: Layout, seq_length: int) -> float:
-    """Mean over slowest stage work: the last stage also runs the output layer and the loss.
-
-    Work per token is counted as GEMM multiply-adds (parameters) plus causal attention's
-    2 * s * query_size; the embedding lookup is free.
-    """
-    layer = layer_parameters(model) + seq_length * model.query_size
-    output = model.padded_vocab_size(layout.tp) * model.hidden_size
-    per_stage = layer * (model.num_layers // layout.pp)
-    return (per_stage * layout.pp + output) / layout.pp / (per_stage + output)
-
-
-def throughput_proxy(model: ModelShape, layout: Layout, setup: TrainingSetup,
-                     recompute: Recompute, gpus_per_node: int) -> float:
-    """Relative step speed, only for ordering layouts: bubble, stage balance, TP, recompute.
-
-    The 1F1B bubble is (pp - 1) / (vpp * m) of the ideal time (Narayanan et al. 2021); a pipeline
-    runs at the pace of its slowest stage; each TP doubling inside a node costs a few percent of
-    all-reduce/all-gather time, and TP across nodes (no NVLink) halves the speed; interleaving adds
-    point-to-point traffic per extra chunk.
-    """
-    work = layout.chunks * setup.num_microbatches(layout)
-    pipeline = work / (work + layout.pp - 1) * stage_balance(model, layout, setup.seq_length)
-    tp = 0.96 ** math.log2(layout.tp) * (0.5 if layout.tp > gpus_per_node else 1.0)
-    interleave = 0.99 ** (layout.chunks - 1)
-    return pipeline * tp * interleave * _RECOMPUTE_SPEED[recompute]
-
-
-def candidate_layouts(model: ModelShape, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
-    """Every tp x pp (x vpp) x dp = gpus with tp inside a node; validity is checked separately."""
-    layouts = []
-    for tp in _divisors(gpus):
-        if tp > gpus_per_node:
-            continue
-        for pp in _divisors(gpus // tp):
-            if pp > model.num_layers:
-                continue
-            dp = gpus // (tp * pp)
-            layouts.append(Layout(tp, pp, dp, None, tp > 1))
-            if pp > 1:
-                for vpp in _divisors(model.num_layers // pp if model.num_layers % pp == 0 else 1):
-                    if vpp > 1:
-                        layouts.append(Layout(tp, pp, dp, vpp, tp > 1))
-    return layouts
-
-
-def plan_layouts(model: ModelShape, gpus: int, gpu_memory_gb: float, setup: TrainingSetup,
-                 gpus_per_node: int = 8, reserve_gb: float = 4.0) -> tuple[list[Plan], dict[str, int]]:
-    """Rank valid layouts: those that fit first, then by throughput proxy, then by peak memory.
-
-    `reserve_gb` is kept free for the CUDA context, communication buffers and fragmentation. For
-    each layout the distributed optimizer is used whenever dp > 1, and the cheapest recomputation
-    that fits is chosen. Returns the plans and, per reason, how many layouts were invalid.
-    """
-    if gpus <= 0:
-        raise UsageError(f"--gpus must be positive, got {gpus}")
-    budget = (gpu_memory_gb - reserve_gb) * GIB
-    plans, rejected = [], {}
-    for layout in candidate_layouts(model, gpus, gpus_per_node):
-        reason = check_layout(model, layout, setup)
-        if reason:
-            rejected[reason] = rejected.get(reason, 0) + 1
-            continue
-        estimate = estimate_memory(model, layout, setup)
-        dist_opt = layout.dp > 1
-        recompute = next((r for r in RECOMPUTE_MODES if estimate.peak(dist_opt, r) <= budget), "full")
-        peak = estimate.peak(dist_opt, recompute)
-        speed = throughput_proxy(model, layout, setup, recompute, gpus_per_node)
-        plans.append(Plan(estimate, dist_opt, recompute, peak, peak <= budget, speed))
-    # Layouts that fit go by speed; the rest by how close they come to fitting.
-    plans.sort(key=lambda p: (0, -round(p.throughput, 6), p.peak_bytes) if p.fits
-               else (1, p.peak_bytes, -p.throughput))
-    return plans, rejected
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def load_model(spec: str) -> ModelShape:
-    """A named size (`llama-8b`) or a trainer YAML whose `model:` section gives the shape."""
-    if spec in NAMED_MODELS:
-        return NAMED_MODELS[spec]
-    if not spec.endswith((".yaml", ".yml")):
-        raise UsageError(f"--model '{spec}' is neither a known size "
-                         f"({', '.join(NAMED_MODELS)}) nor a .yaml config")
-    section = read_yaml(spec).get("model")
-    if not isinstance(section, dict):
-        raise UsageError(f"{spec}: no 'model:' section")
-    known = {f.name for f in dataclasses.fields(ModelShape)}
-    # The trainer's model section has more keys (rope base, init...): take the ones shapes need.
-    shape = from_dict(ModelShape, {k: v for k, v in section.items() if k in known}, prefix="model")
-    return dataclasses.replace(shape, name=spec)
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.1f}"
-
-
-def plan_rows(plans: Sequence[Plan]) -> list[dict]:
-    """Machine-readable view of ranked plans (what `--json` prints)."""
-    rows = []
-    for rank, plan in enumerate(plans, 1):
-        est, stage = plan.estimate, plan.estimate.heaviest
-        rows.append({
-            "rank": rank, "tp": plan.layout.tp, "pp": plan.layout.pp, "vpp": plan.layout.vpp,
-            "dp": plan.layout.dp, "sequence_parallel": plan.layout.sequence_parallel,
-            "num_microbatches": est.num_microbatches, "params_per_gpu": stage.params,
-            "weights_bytes": stage.weights, "gradients_bytes": stage.gradients,
-            "optimizer_bytes": stage.optimizer,
-            "optimizer_distributed_bytes": stage.optimizer_distributed,
-            "activations_bytes": {r: est.activations(r) for r in RECOMPUTE_MODES},
-            "distributed_optimizer": plan.distributed_optimizer, "recompute": plan.recompute,
-            "peak_bytes": plan.peak_bytes, "fits": plan.fits,
-            "throughput_proxy": round(plan.throughput, 4),
-        })
-    return rows
-
-
-def print_table(plans: Sequence[Plan], title: str, top: int | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for name in ("#", "layout", "m", "params/GPU", "weights", "grads", "optim", "optim ZeRO-1",
-                 "act none", "act sel", "act full", "setting", "peak GiB", "fits", "speed"):
-        table.add_column(name, justify="left" if name in ("layout", "setting") else "right")
-    for row, plan in zip(plan_rows(plans)[:top], plans[:top], strict=False):
-        act = row["activations_bytes"]
-        setting = ("ZeRO-1" if plan.distributed_optimizer else "Adam") + f" + {plan.recompute}"
-        table.add_row(
-            str(row["rank"]), str(plan.layout), str(row["num_microbatches"]),
-            f"{row['params_per_gpu'] / 1e9:.2f}B", _gib(row["weights_bytes"]),
-            _gib(row["gradients_bytes"]), _gib(row["optimizer_bytes"]),
-            _gib(row["optimizer_distributed_bytes"]), _gib(act["none"]), _gib(act["selective"]),
-            _gib(act["full"]), setting, _gib(plan.peak_bytes), "yes" if plan.fits else "NO",
-            f"{plan.throughput:.3f}",
-        )
-    Console(width=max(160, Console().width)).print(table)
-
-
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kiln plan", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True,
-                        help=f"{', '.join(NAMED_MODELS)} or a trainer YAML config with a model: section")
-    parser.add_argument("--gpus", type=int, required=True)
-    parser.add_argument("--gpu-memory-gb", type=float, required=True, help="GiB per GPU")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--seq-length", type=int, help="default: the model's seq_length")
-    parser.add_argument("--micro-batch-size", type=int, default=1)
-    parser.add_argument("--global-batch-size", type=int, default=512)
-    parser.add_argument("--dtype", choices=["bf16", "fp8", "fp32"], default="bf16")
-    parser.add_argument("--backend", choices=["te", "local"], default="te",
-                        help="te: Transformer Engine kernels (GPU); local: megatron local spec (CPU)")
-    parser.add_argument("--reserve-gb", type=float, default=4.0,
-                        help="GiB kept free for CUDA context, NCCL buffers and fragmentation")
-    parser.add_argument("--top", type=int, default=25, help="rows to print (0: all)")
-    parser.add_argument("--json", action="store_true", help="print every ranked layout as JSON")
-    args = parser.parse_args(argv)
-
-    model = load_model(args.model)
-    for flag in ("gpus", "gpus_per_node", "micro_batch_size", "global_batch_size"):
-        if getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
-    if args.gpu_memory_gb <= args.reserve_gb:
-        raise UsageError("--gpu-memory-gb must exceed --reserve-gb")
-    setup = TrainingSetup(args.seq_length or model.seq_length, args.micro_batch_size,
-                          args.global_batch_size, args.dtype, args.backend)
-    plans, rejected = plan_layouts(model, args.gpus, args.gpu_memory_gb, setup,
-                                   args.gpus_per_node, args.reserve_gb)
-    if not plans:
-        reasons = "; ".join(f"{n} x {why}" for why, n in sorted(rejected.items()))
-        raise UsageError(f"no valid layout of {model.name} on {args.gpus} GPUs ({reasons})")
-    fitting = sum(p.fits for p in plans)
-    if args.json:
-        print(json.dumps({"model": dataclasses.asdict(model), "setup": dataclasses.asdict(setup),
-                          "gpus": args.gpus, "gpu_memory_gb": args.gpu_memory_gb,
-                          "parameters": count_parameters(model), "fitting": fitting,
-                          "rejected": rejected, "layouts": plan_rows(plans)}, indent=1))
-    else:
-        title = (f"{model.name}: {count_parameters(model) / 1e9:.2f}B parameters on {args.gpus} x "
-                 f"{args.gpu_memory_gb:g} GiB, seq {setup.seq_length}, micro-batch "
-                 f"{setup.micro_batch_size}, global batch {setup.global_batch_size}, {setup.dtype}, "
-                 f"{setup.backend} kernels; memory in GiB per GPU (most loaded stage)")
-        print_table(plans, title, args.top or None)
-        if rejected:
-            print("invalid layouts skipped: "
-                  + "; ".join(f"{n} x {why}" for why, n in sorted(rejected.items())))
-    if not fitting:
-        best = min(plans, key=lambda p: p.peak_bytes)
-        print(f"error: no layout fits in {args.gpu_memory_gb:g} GiB per GPU "
-              f"(minus {args.reserve_gb:g} reserved); the smallest, {best.layout} with "
-              f"{best.recompute} recomputation, needs {_gib(best.peak_bytes)} GiB", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    from kiln.cli import entry
-
-    sys.exit(entry(main))
