@@ -13,8 +13,11 @@ attention, SwiGLU, RMSNorm, no dropout, untied or tied embeddings, a padded voca
   transpose, and stores GEMM inputs in FP8.
 - Activations are the tensors autograd keeps for backward, per micro-batch and layer, for two
   kernel sets: `te` (Transformer Engine on GPU: flash attention, fused norms and SwiGLU) and `local`
-  (megatron's local spec, used on CPU: unfused attention with an s x s softmax, torch RMSNorm).
+  (megatron's local spec, used on CPU: unfused attention with an s x s softmax, torch RMSNorm,
+  torch's CPU dropout).
   The in-flight micro-batches per stage follow megatron's 1F1B and interleaved schedules.
+- Not modelled: context parallelism, MoE, uneven pipeline splits, allocator fragmentation (the
+  planner keeps a reserve for it and for the CUDA context and communication buffers).
 """
 
 from __future__ import annotations
@@ -239,11 +242,14 @@ def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
         if recompute == "selective":  # checkpointed core-attention inputs; V views the fused QKV
             split += e * sb * (2 * hq + 3 * hkv)
         else:
-            kv = 2 * hq if a > model.num_query_groups else hkv + (hq + 2 * hkv)  # GQA repeats K/V
-            softmax = 4 * a * s * s * b + (e * a * s * s * b if e != 4 else 0)
-            split += e * sb * (hq + kv) + softmax
-            if model.attention_dropout > 0:
-                split += a * s * s * b * (1 + (e if e == 4 else 0))
+            # GQA: the unfused attention repeats K and V to every head. MHA: V stays a view of
+            # the fused QKV output and keeps all of it alive.
+            kv = 2 * hq if a > model.num_query_groups else hkv + (hq + 2 * hkv)
+            scores, dropout = a * s * s * b, model.attention_dropout > 0
+            # The fp32 softmax output is kept, and what feeds P @ V: its 16-bit copy, or the
+            # dropout output plus the dropout mask.
+            probs = 4 * scores + (2 * e * scores if dropout else e * scores if e != 4 else 0)
+            split += e * sb * (hq + kv) + probs
         split += e * sb * hq  # attention output, the input of linear_proj
         glu = 5 * f if model.gated_linear_unit else 2 * f  # fc1 out (2f), silu, x_linear, product
         split += e * sb * glu
@@ -260,8 +266,13 @@ def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
         split += e * sb * glu_in + gemm_in * sb * f
         fixed = 0
     if model.hidden_dropout > 0:
-        replicated += 2 * sb * h  # one-byte masks after attention and MLP
+        replicated += 2 * sb * h * _dropout_mask_bytes(setup)  # after attention and after MLP
     return replicated // shard + split // t + fixed
+
+
+def _dropout_mask_bytes(setup: TrainingSetup) -> int:
+    """CUDA's fused dropout keeps a one-byte mask; on CPU torch keeps one of the input's dtype."""
+    return 1 if setup.backend == "te" else (4 if setup.dtype == "fp32" else 2)
 
 
 def _te_norm_stats(model: ModelShape, sb: int) -> int:
@@ -310,7 +321,7 @@ def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, s
     if stage == 0:
         extra += 8 * s * b  # token ids kept by the embedding lookup
         if model.hidden_dropout > 0:
-            extra += s * b * h // shard
+            extra += s * b * h * _dropout_mask_bytes(setup) // shard
         if setup.backend == "local":
             extra += s * s  # the boolean causal mask handed to every layer
         extra *= in_flight_microbatches

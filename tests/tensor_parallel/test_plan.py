@@ -34,6 +34,8 @@ TINY = {
     "mha-gelu-bias-tied": (ModelShape(2, 64, 128, 4, 4, 384, 64, tie_embeddings=True,
                                       normalization="LayerNorm", gated_linear_unit=False,
                                       add_bias_linear=True, make_vocab_size_divisible_by=1), 3),
+    "dropout": (ModelShape(2, 64, 176, 8, 2, 256, 64, hidden_dropout=0.1, attention_dropout=0.1,
+                           make_vocab_size_divisible_by=1), 2),
 }
 
 
