@@ -18,6 +18,9 @@ TIED = "model.tie_embeddings=true"
 
 # name -> (ranks, reference, overrides)
 LAYOUTS = {
+    "recompute_full": (1, "ref2", ["model.recompute=full"]),
+    "recompute_selective": (1, "ref2", ["model.recompute=selective"]),
+    "accumulation_4": (1, "ref2", ["train.micro_batch_size=2"]),
     "tp2": (2, "ref2", ["parallel.tp=2", SAVE]),
     "tp2_sequence_parallel": (2, "ref2", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2_1f1b": (2, "ref2", ["parallel.pp=2", SAVE]),
@@ -31,7 +34,8 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("layouts")
-    run_layouts(out, {"ref2": [], "ref4": [FOUR_LAYERS], "ref2_tied": [TIED]}, *STEPS)
+    run_layouts(out, {"ref2": [], "ref4": [FOUR_LAYERS], "ref2_tied": [TIED],
+                      **{name: o for name, (n, _, o) in LAYOUTS.items() if n == 1}}, *STEPS)
     for nproc in (2, 4):
         chosen = {name: o for name, (n, _, o) in LAYOUTS.items() if n == nproc}
         run_layouts(out, chosen, *STEPS, nproc=nproc)
