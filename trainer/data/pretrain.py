@@ -36,10 +36,22 @@ class TokenData:
     fingerprint: str
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _locate(path: str) -> str:
+    """Relative paths are taken from the working directory, else from the repository root
+    (so the bundled sample data is found whichever directory a run starts in)."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    in_repo = os.path.join(REPO_ROOT, path)
+    return in_repo if os.path.exists(in_repo) else path
+
+
 def read_manifests(paths: list[str]) -> list[TokenManifest]:
     if not paths:
         raise ConfigError("data.manifests", "no token manifests given")
-    manifests = [read_token_manifest(p) for p in paths]
+    manifests = [read_token_manifest(_locate(p)) for p in paths]
     first = manifests[0]
     for m in manifests[1:]:
         if (m.fingerprint, m.vocab_size) != (first.fingerprint, first.vocab_size):
