@@ -101,6 +101,8 @@ class DataConfig:
     weights: list[float] | None = None  # None: by token count
     split: str = "95,5,0"  # train, valid, test
     eod_mask_loss: bool = False
+    # When set, every manifest's tokenizer must have this fingerprint (the model's tokenizer).
+    tokenizer_fingerprint: str | None = None
 
 
 @dataclass

@@ -97,3 +97,11 @@ def test_blend_of_two_manifests_must_share_a_tokenizer(tmp_path: Path, one_rank_
         build_token_data([str(tmp_path / "sample"), str(other)], [0.5, 0.5], "100,0,0",
                          seq_length=16, seed=1, train_samples=8, valid_samples=0,
                          cache_dir=str(tmp_path / "cache"))
+
+
+def test_tokenizer_fingerprint_must_match_the_config(tmp_path: Path, one_rank_group) -> None:
+    with pytest.raises(DataError) as err:
+        build_token_data([str(SAMPLE)], None, "100,0,0", seq_length=16, seed=1, train_samples=8,
+                         valid_samples=0, cache_dir=str(tmp_path / "cache"),
+                         fingerprint="sentencepiece-abc")
+    assert err.value.field == "tokenizer.fingerprint" and "utf8-bytes-v1" in str(err.value)

@@ -48,10 +48,17 @@ def _locate(path: str) -> str:
     return in_repo if os.path.exists(in_repo) else path
 
 
-def read_manifests(paths: list[str]) -> list[TokenManifest]:
+def read_manifests(paths: list[str], fingerprint: str | None = None) -> list[TokenManifest]:
+    """The manifests, checked to share one tokenizer (and to match `fingerprint` when given)."""
     if not paths:
         raise ConfigError("data.manifests", "no token manifests given")
     manifests = [read_token_manifest(_locate(p)) for p in paths]
+    for m in manifests:
+        if fingerprint is not None and m.fingerprint != fingerprint:
+            raise DataError(f"tokenizer fingerprint {m.fingerprint!r} does not match "
+                            f"data.tokenizer_fingerprint {fingerprint!r}: re-tokenize this data "
+                            "with the model's tokenizer or fix the config", path=m.path,
+                            field="tokenizer.fingerprint")
     first = manifests[0]
     for m in manifests[1:]:
         if (m.fingerprint, m.vocab_size) != (first.fingerprint, first.vocab_size):
@@ -78,9 +85,10 @@ def _blend(manifests: list[TokenManifest], weights: list[float] | None) -> tuple
 
 def build_token_data(manifest_paths: list[str], weights: list[float] | None, split: str, *,
                      seq_length: int, seed: int, train_samples: int, valid_samples: int,
-                     cache_dir: str, eod_mask_loss: bool = False) -> TokenData:
+                     cache_dir: str, eod_mask_loss: bool = False,
+                     fingerprint: str | None = None) -> TokenData:
     """Build the train and validation `GPTDataset`s (every rank builds; rank 0 writes the cache)."""
-    manifests = read_manifests(manifest_paths)
+    manifests = read_manifests(manifest_paths, fingerprint)
     first = manifests[0]
     if eod_mask_loss and first.eod_id is None:
         raise ConfigError("data.eod_mask_loss", f"{first.path} names no tokenizer.eod_id")

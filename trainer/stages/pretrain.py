@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+from kiln.errors import ConfigError
 from tensor_parallel import runtime
 from trainer.data.pretrain import TokenData, build_token_data, micro_batches
 from trainer.stages import Batch, Stage
@@ -22,10 +23,14 @@ class PretrainStage(Stage):
             seed=train.seed, train_samples=train.steps * train.global_batch_size,
             valid_samples=evals * train.eval_batches * train.global_batch_size,
             cache_dir=os.path.join(cfg.run_dir, "cache", "data"),
-            eod_mask_loss=data.eod_mask_loss)
+            eod_mask_loss=data.eod_mask_loss, fingerprint=data.tokenizer_fingerprint)
 
     def vocab_size(self) -> int:
-        return self.cfg.model.vocab_size or self.data.vocab_size
+        configured = self.cfg.model.vocab_size
+        if configured is not None and configured < self.data.vocab_size:
+            raise ConfigError("model.vocab_size", f"{configured} is smaller than the data's "
+                              f"tokenizer vocabulary ({self.data.vocab_size})")
+        return configured or self.data.vocab_size
 
     def _batches(self, dataset, start_sample: int) -> Iterator[Batch]:
         return micro_batches(dataset, start_sample=start_sample,
