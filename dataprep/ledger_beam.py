@@ -1,0 +1,222 @@
+"""Beam helpers that keep the ledger of any job: run a per-record function as a counted stage,
+count outcomes with Beam combiners into a JSON-lines file, write dead letters, and turn the counts
+back into a `schemas.manifest.Ledger` in the launcher once the pipeline has finished.
+
+How a job uses it (corpus, tokenize, sft and preference jobs alike)::
+
+    counts = []
+    read = files | "read" >> Stage("read", ReadFn(...), source=True)
+    clean = read.kept | "clean" >> Stage("clean", CleanFn(config))
+    counts += [read.counts, clean.counts]
+    # a composite that is not a Stage (e.g. dedup with `kept`/`duplicates` outputs):
+    counts.append(stage_counts("exact_dedup", input=clean.kept, kept=d.kept,
+                               duplicate=d.duplicates))
+    (read.dead_letters, clean.dead_letters) | beam.Flatten() | WriteDeadLetters(out)
+    counts | beam.Flatten() | WriteCounts(work_dir)
+    pipeline.run().wait_until_finish()
+    ledger = read_ledger(work_dir, ["read", "clean", "exact_dedup"])  # then ledger.check()
+
+A stage function is an object (pickled to workers) with `__call__(element) -> Outcome`, or, for a
+source stage (`source=True`), `__call__(element) -> Iterable[Outcome]` whose outcomes are the
+stage's input. Optional `setup()`/`teardown()` run once per DoFn instance (load models there).
+Extra facts that are not stages (e.g. PII redactions per kind) go through `Outcome.stats` and are
+read back with `read_stats`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.pvalue import PCollection, TaggedOutput
+
+from schemas.deadletter import DEAD_LETTER_DIR, DeadLetter
+from schemas.manifest import Ledger
+
+KEPT, FILTERED, DUPLICATE, ERROR, INPUT = "kept", "filtered", "duplicate", "error", "input"
+_STAT = "stat"  # count key prefix for non-stage facts
+_DEAD = "dead_letters"
+_COUNTS = "counts"
+COUNTS_PREFIX = "ledger-counts"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a stage did with one record. Build with the class methods."""
+
+    kind: str
+    value: Any = None  # the kept element, or the DeadLetter for an error
+    reason: str | None = None  # why it was filtered
+    stats: dict[str, int] = field(default_factory=dict)  # extra counts, e.g. {"pii.email": 2}
+
+    @classmethod
+    def kept(cls, value: Any, stats: dict[str, int] | None = None) -> Outcome:
+        return cls(KEPT, value, stats=dict(stats or {}))
+
+    @classmethod
+    def filtered(cls, reason: str) -> Outcome:
+        return cls(FILTERED, reason=reason)
+
+    @classmethod
+    def error(cls, entry: DeadLetter) -> Outcome:
+        return cls(ERROR, entry)
+
+
+def count_key(stage: str, kind: str, reason: str | None = None) -> str:
+    return f"{stage}\t{kind}\t{reason}" if reason else f"{stage}\t{kind}"
+
+
+class _StageFn(beam.DoFn):
+    def __init__(self, name: str, fn: Any, source: bool) -> None:
+        self.name, self.fn, self.source = name, fn, source
+
+    def setup(self) -> None:
+        if hasattr(self.fn, "setup"):
+            self.fn.setup()
+
+    def teardown(self) -> None:
+        if hasattr(self.fn, "teardown"):
+            self.fn.teardown()
+
+    def process(self, element: Any) -> Iterable[Any]:
+        outcomes = self.fn(element) if self.source else (self.fn(element),)
+        for outcome in outcomes:
+            if self.source:
+                yield TaggedOutput(_COUNTS, (count_key(self.name, INPUT), 1))
+            yield TaggedOutput(_COUNTS, (count_key(self.name, outcome.kind, outcome.reason), 1))
+            for key, n in outcome.stats.items():
+                yield TaggedOutput(_COUNTS, (count_key(_STAT, key), n))
+            if outcome.kind == KEPT:
+                yield outcome.value
+            elif outcome.kind == ERROR:
+                entry = outcome.value
+                if entry.stage is None:
+                    entry = DeadLetter(entry.source, entry.offset, entry.reason, entry.record,
+                                       self.name)
+                yield TaggedOutput(_DEAD, entry)
+
+
+@dataclass
+class StageOutputs:
+    kept: PCollection
+    dead_letters: PCollection
+    counts: PCollection  # (key, n) pairs for WriteCounts
+
+
+class Stage(beam.PTransform):
+    """Apply a per-record stage function; count input and every outcome under the stage's name."""
+
+    def __init__(self, name: str, fn: Any, *, source: bool = False) -> None:
+        super().__init__(label=None)
+        self.name, self.fn, self.source = name, fn, source
+
+    def expand(self, pcoll: PCollection) -> StageOutputs:
+        results = pcoll | "Apply" >> beam.ParDo(_StageFn(self.name, self.fn, self.source)
+                                                ).with_outputs(_DEAD, _COUNTS, main=KEPT)
+        outcome_counts = results[_COUNTS] | "CountOutcomes" >> beam.CombinePerKey(sum)
+        if self.source:
+            counts = outcome_counts
+        else:
+            counts = ((outcome_counts, _count(pcoll, self.name, INPUT, "Input"))
+                      | "MergeCounts" >> beam.Flatten())
+        return StageOutputs(results[KEPT], results[_DEAD], counts)
+
+
+def _count(pcoll: PCollection, stage: str, kind: str, label: str) -> PCollection:
+    key = count_key(stage, kind)
+    return (pcoll | f"Count{label}" >> beam.combiners.Count.Globally()
+            | f"Key{label}" >> beam.Map(lambda n, key=key: (key, n)))
+
+
+def stage_counts(name: str, *, input: PCollection, kept: PCollection,
+                 duplicate: PCollection | None = None,
+                 dead_letters: PCollection | None = None) -> PCollection:
+    """Counts for a composite that is not a `Stage` (dedup, a sink): each PCollection is counted."""
+    parts = [_count(input, name, INPUT, f"{name}Input"), _count(kept, name, KEPT, f"{name}Kept")]
+    if duplicate is not None:
+        parts.append(_count(duplicate, name, DUPLICATE, f"{name}Duplicate"))
+    if dead_letters is not None:
+        parts.append(_count(dead_letters, name, ERROR, f"{name}Error"))
+    return parts | f"{name}Counts" >> beam.Flatten()
+
+
+class WriteCounts(beam.PTransform):
+    """(key, n) pairs -> `<directory>/ledger-counts-*.jsonl`, one `{"key", "n"}` object a line."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__()
+        self.directory = directory
+
+    def expand(self, counts: PCollection) -> Any:
+        return (counts
+                | "SumByKey" >> beam.CombinePerKey(sum)
+                | "ToJson" >> beam.MapTuple(lambda k, n: json.dumps({"key": k, "n": n}))
+                | "Write" >> beam.io.WriteToText(FileSystems.join(self.directory, COUNTS_PREFIX),
+                                                 file_name_suffix=".jsonl", num_shards=1))
+
+
+class WriteJsonLines(beam.PTransform):
+    """Objects with `to_json()` (or plain dicts) -> `<directory>/<prefix>-SSSSS-of-NNNNN.jsonl`."""
+
+    def __init__(self, directory: str, prefix: str) -> None:
+        super().__init__()
+        self.directory, self.prefix = directory, prefix
+
+    def expand(self, items: PCollection) -> Any:
+        return (items
+                | "ToJson" >> beam.Map(lambda x: x.to_json() if hasattr(x, "to_json")
+                                       else json.dumps(x, ensure_ascii=False, sort_keys=True))
+                | "Write" >> beam.io.WriteToText(FileSystems.join(self.directory, self.prefix),
+                                                 file_name_suffix=".jsonl"))
+
+
+class WriteDeadLetters(WriteJsonLines):
+    """DeadLetter entries -> `<out>/dead-letter/dead-letter-*.jsonl` (DESIGN.md's layout)."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__(FileSystems.join(out, DEAD_LETTER_DIR), "dead-letter")
+
+
+def read_counts(directory: str) -> dict[str, int]:
+    """The counts WriteCounts wrote (local or object storage), summed by key."""
+    totals: dict[str, int] = {}
+    pattern = FileSystems.join(directory, f"{COUNTS_PREFIX}*.jsonl")
+    for metadata in FileSystems.match([pattern])[0].metadata_list:
+        with FileSystems.open(metadata.path) as f:
+            for line in f.read().decode("utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    totals[row["key"]] = totals.get(row["key"], 0) + int(row["n"])
+    return totals
+
+
+def read_ledger(directory: str, stages: Sequence[str]) -> Ledger:
+    """Build the ledger in stage order from the counts; a stage that saw nothing counts zeros."""
+    totals = read_counts(directory)
+    ledger = Ledger()
+    for name in stages:
+        filtered: dict[str, int] = {}
+        simple = {INPUT: 0, KEPT: 0, DUPLICATE: 0, ERROR: 0}
+        for key, n in totals.items():
+            stage, kind, *reason = key.split("\t", 2)
+            if stage != name:
+                continue
+            if kind == FILTERED:
+                reason_key = reason[0] if reason else "unspecified"
+                filtered[reason_key] = filtered.get(reason_key, 0) + n
+            elif kind in simple:
+                simple[kind] += n
+        ledger.stage(name, simple[INPUT], simple[KEPT], dict(sorted(filtered.items())),
+                     simple[DUPLICATE], simple[ERROR])
+    return ledger
+
+
+def read_stats(directory: str) -> dict[str, int]:
+    """The non-stage counts (`Outcome.stats`), e.g. {"pii.email": 3}."""
+    prefix = f"{_STAT}\t"
+    totals = read_counts(directory)
+    return {k[len(prefix):]: n for k, n in sorted(totals.items()) if k.startswith(prefix)}
