@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from typing import IO
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 from warcio.recordloader import ArcWarcRecord
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
 
 from kiln.log import get_logger
 from schemas.deadletter import DeadLetter, dead_letter
@@ -33,6 +37,7 @@ DOCUMENT_TYPES = ("response", "conversion")
 _GZIP_MAGIC = b"\x1f\x8b"
 _ARCHIVE_STARTS = (b"WARC/", b"filedesc://")
 _SNIFF_BYTES = 4096
+_MANDATORY = ("WARC-Type", "WARC-Record-ID", "Content-Length")
 _STREAM_ERRORS = (ArchiveLoadFailed, zlib.error, EOFError, OSError, ValueError, KeyError,
                   IndexError, UnicodeDecodeError)
 
@@ -107,6 +112,11 @@ def _decompressed_start(head: bytes) -> bytes:
         return b""
 
 
+class _QuietArchiveIterator(ArchiveIterator):
+    # warcio prints this anomaly to stderr itself; we count it and log it with the file name
+    INC_RECORD = ""
+
+
 @dataclass(frozen=True)
 class _Failure:
     offset: int
@@ -122,7 +132,8 @@ def _rest_of_file(source: str, offset: int, reason: str, offset_in: str = "file"
 def _records(stream: IO[bytes], source: str, offset_in: str, skip: int,
              max_payload_bytes: int) -> Iterator[ArchiveRecord | DeadLetter | _Failure]:
     """Parse `stream`; yields records/dead letters, then at most one `_Failure` and stops."""
-    iterator = ArchiveIterator(stream, arc2warc=False)
+    iterator = _QuietArchiveIterator(stream, arc2warc=False)
+    warnings = 0
     index = 0
     offset = 0
     while True:
@@ -141,6 +152,10 @@ def _records(stream: IO[bytes], source: str, offset_in: str, skip: int,
             yield _Failure(offset, f"{type(exc).__name__} in record: {str(exc).strip()}")
             return
         offset = max(offset, iterator.offset)
+        if iterator.err_count > warnings:
+            warnings = iterator.err_count
+            log.warning("%s: bytes after the record at %s offset %d do not start a new record "
+                        "(Content-Length may be wrong); reading on", source, offset_in, item.offset)
         index += 1
         if index > skip:
             yield item
@@ -150,6 +165,14 @@ def _convert(record: ArcWarcRecord, source: str, offset: int, offset_in: str,
              max_payload_bytes: int) -> ArchiveRecord | DeadLetter:
     headers = record.rec_headers
     rec_type = record.rec_type or "unknown"
+    if record.format.startswith("warc"):
+        # a header block cut short (truncated gzip member, junk) parses without these
+        missing_headers = [h for h in _MANDATORY if headers.get_header(h) is None]
+        if missing_headers:
+            while record.raw_stream.read(1 << 16):
+                pass
+            return dead_letter(source, offset, f"malformed WARC record: no {missing_headers[0]} "
+                               f"header ({offset_in} offset)", stage="read")
     payload = None
     if rec_type in DOCUMENT_TYPES:
         try:
@@ -179,3 +202,29 @@ def _convert(record: ArcWarcRecord, source: str, offset: int, offset_in: str,
         content_type=content_type,
         identified_type=headers.get_header("WARC-Identified-Payload-Type"),
         payload=payload)
+
+
+def write_html_warc(path: str, pages: list[tuple[str, bytes]], *, gzip_records: bool = True,
+                    date: str = "2026-01-01T00:00:00Z",
+                    texts: list[tuple[str, str]] = ()) -> None:
+    """Write a WARC of HTTP 200 text/html responses (and WET-style conversion records for
+    `texts`), e.g. to turn a folder of pages into crawl-like input for tests and benchmarks."""
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=gzip_records)
+        for url, body in pages:
+            http = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                                               ("Content-Length", str(len(body)))],
+                                    protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(
+                url, "response", payload=io.BytesIO(body), http_headers=http,
+                warc_headers_dict={"WARC-Date": date, "WARC-Record-ID": _uuid_for(url)}))
+        for url, text in texts:
+            writer.write_record(writer.create_warc_record(
+                url, "conversion", payload=io.BytesIO(text.encode("utf-8")),
+                warc_content_type="text/plain",
+                warc_headers_dict={"WARC-Date": date, "WARC-Record-ID": _uuid_for(url)}))
+
+
+def _uuid_for(url: str) -> str:
+    # stable ids, so a rebuilt file yields the same documents
+    return f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, url)}>"
