@@ -1,5 +1,6 @@
 """PII redaction: e-mail and IP addresses (and optionally phone numbers) become placeholders, with
-a count per kind. E-mail and IPv4 patterns are datatrove's PIIFormatter's; IPv6 and phones are ours.
+a count per kind. The e-mail pattern is datatrove's PIIFormatter's, its IPv4 pattern gets word boundaries;
+IPv6 and phones are ours.
 
 Only globally routable addresses are redacted (`ipaddress.is_global`, as datatrove's default
 `only_remove_public_ips`): private, loopback, link-local and the documentation ranges
@@ -30,7 +31,8 @@ class PIIConfig:
 
 _DATATROVE = PIIFormatter()
 EMAIL = _DATATROVE.emails_replacer.regex
-IPV4 = _DATATROVE.ip_replacer.regex
+# datatrove's IPv4 pattern, bounded so that "v1.2.3.4.5" or "10.1.2.3.4" are not addresses
+IPV4 = re.compile(rf"(?<![\w.]){_DATATROVE.ip_replacer.regex.pattern}(?!\.?\d)(?!\w)")
 # candidate IPv6 tokens (hex groups with colons); `ipaddress` decides what is really an address
 IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|"
                   r"(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")

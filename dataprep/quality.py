@@ -30,7 +30,7 @@ class GopherRepetitionConfig:
         default_factory=lambda: [[2, 0.2], [3, 0.18], [4, 0.16]])
     dup_n_grams: list[list[float]] = field(
         default_factory=lambda: [[5, 0.15], [6, 0.14], [7, 0.13], [8, 0.12], [9, 0.11], [10, 0.10]])
-    language: str = "en"
+    language: str = "eng"  # datatrove's Languages.english
 
 
 @dataclass
@@ -46,7 +46,7 @@ class GopherQualityConfig:
     max_non_alpha_words_ratio: float | None = 0.8
     min_stop_words: int | None = 2
     stop_words: list[str] | None = None
-    language: str = "en"
+    language: str = "eng"  # datatrove's Languages.english
 
 
 @dataclass
@@ -62,7 +62,7 @@ class C4QualityConfig:
     filter_javascript: bool = True
     filter_curly_bracket: bool = True
     filter_policy: bool = True
-    language: str = "en"
+    language: str = "eng"  # datatrove's Languages.english
 
 
 @dataclass
@@ -75,7 +75,7 @@ class FineWebQualityConfig:
     short_line_length: int = 30
     char_duplicates_ratio: float = 0.01
     new_line_ratio: float = 0.3
-    language: str = "en"
+    language: str = "eng"  # datatrove's Languages.english
 
 
 @dataclass
