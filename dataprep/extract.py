@@ -18,7 +18,10 @@ HTML_TYPES = ("text/html", "application/xhtml+xml")
 class ExtractConfig:
     favour_precision: bool = True  # datatrove's and FineWeb's setting
     timeout: float = 1.0  # seconds per document, enforced in a child process
-    deduplicate: bool = True  # trafilatura's own in-document deduplication
+    # trafilatura's `deduplicate` drops text segments that the same process has seen in earlier
+    # documents (an LRU cache), so its output would depend on which worker saw what first; the
+    # corpus is deduplicated by the dedup stages instead, deterministically
+    deduplicate: bool = False
 
 
 @dataclass(frozen=True)
