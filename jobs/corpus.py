@@ -171,8 +171,13 @@ def assemble_manifest(out: str, stages: list[str], config: CorpusConfig,
                "inputs": list(args.input), "dedup": args.dedup, "config": to_dict(config)})
     with FileSystems.create(FileSystems.join(out, MANIFEST)) as f:
         f.write((json.dumps(manifest.to_json(), indent=2) + "\n").encode("utf-8"))
-    FileSystems.delete([work])
+    FileSystems.delete([_as_dir(work)])
     return manifest
+
+
+def _as_dir(path: str) -> str:
+    # object stores delete "prefix/" recursively; a local directory is removed with its files
+    return path.rstrip("/") + "/"
 
 
 def _read_json_lines(directory: str, prefix: str) -> list[dict[str, Any]]:
@@ -188,7 +193,7 @@ def _prepare_out(out: str, overwrite: bool) -> None:
     if existing and not overwrite:
         raise UsageError(f"--out {out}: not empty (pass --overwrite to replace it)")
     if existing:
-        FileSystems.delete([out])
+        FileSystems.delete([_as_dir(out)])
     if not FileSystems.exists(out):
         FileSystems.mkdirs(out)
 
