@@ -5,8 +5,9 @@ Gzipped archives are first read member by member (offsets are real file offsets,
 use). Some writers put several records in one gzip member or split a record across members;
 warcio refuses those. We then re-read the file as one decompressed stream, skip the records already
 emitted and go on: offsets from that point are offsets in the decompressed stream, which the
-record's `offset_in` says. A record whose bytes end before its Content-Length, and any unparseable
-rest of a file, go to dead letters.
+record's `offset_in` says. Damaged bytes (a corrupt gzip member, junk between records) become one
+dead letter and reading resumes at the next gzip member or line that starts a WARC record. A record
+whose bytes end before its Content-Length goes to dead letters; so does a file that is no archive.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ DOCUMENT_TYPES = ("response", "conversion")
 _GZIP_MAGIC = b"\x1f\x8b"
 _ARCHIVE_STARTS = (b"WARC/", b"filedesc://")
 _SNIFF_BYTES = 4096
+_SCAN_BYTES = 1 << 20
+_GZIP_MEMBER = b"\x1f\x8b\x08"
 _MANDATORY = ("WARC-Type", "WARC-Record-ID", "Content-Length")
 _STREAM_ERRORS = (ArchiveLoadFailed, zlib.error, EOFError, OSError, ValueError, KeyError,
                   IndexError, UnicodeDecodeError)
@@ -66,11 +69,11 @@ def record_uid(record_id: str | None, url: str | None, date: str | None) -> str:
 
 def iter_archive(open_file: Callable[[], IO[bytes]], source: str,
                  max_payload_bytes: int = 50 << 20) -> Iterator[ArchiveRecord | DeadLetter]:
-    """All records of one archive file, broken ones as dead letters; `open_file` opens it raw."""
+    """All records of one archive file, broken ones as dead letters; `open_file` opens it raw
+    (seekable, not decompressed)."""
     emitted = 0
     with open_file() as raw:
         head = raw.read(_SNIFF_BYTES)
-        raw.seek(0)
         gzipped = head[:2] == _GZIP_MAGIC
         start = _decompressed_start(head) if gzipped else head
         if not start.startswith(_ARCHIVE_STARTS):
@@ -79,30 +82,75 @@ def iter_archive(open_file: Callable[[], IO[bytes]], source: str,
             yield dead_letter(source, 0, f"not a WARC or ARC file: starts with {start[:40]!r}",
                               record=start if not gzipped else None, stage="read")
             return
-        failure: tuple[int, str] | None = None
-        for item in _records(raw, source, "file", 0, max_payload_bytes):
-            if isinstance(item, _Failure):
-                failure = (item.offset, item.reason)
+        position: int | None = 0
+        while position is not None:
+            raw.seek(position)
+            failure = None
+            for item in _records(raw, source, "file", 0, max_payload_bytes):
+                if isinstance(item, _Failure):
+                    failure = item
+                    break
+                if gzipped and isinstance(item, DeadLetter) and item.reason.startswith("truncated"):
+                    failure = _Failure(item.offset or 0, item.reason, restream=True)
+                    break
+                emitted += 1
+                yield item
+            if failure is None:
+                return
+            if gzipped and position == 0 and failure.restream:
                 break
-            if gzipped and isinstance(item, DeadLetter) and item.reason.startswith("truncated"):
-                # a record cut at a gzip member boundary: re-read the stream as a whole
-                failure = (item.offset or 0, item.reason)
-                break
-            emitted += 1
-            yield item
-    if failure is None:
-        return
-    if not gzipped:
-        yield _rest_of_file(source, *failure)
-        return
+            # skip the damaged bytes: resume at the next record (or gzip member) that parses
+            position = _next_record_start(raw, failure.offset + 1, gzipped)
+            until = f"offset {position}" if position is not None else "end of file"
+            yield dead_letter(source, failure.offset, f"unreadable from file offset "
+                              f"{failure.offset} to {until}: {_one_line(failure.reason)}",
+                              stage="read")
+        else:
+            return
+    # Several records in one gzip member, or a record split across members: warcio needs one
+    # record per member, a gzip stream does not.
     log.warning("%s: %s at offset %d; re-reading as one decompressed gzip stream",
-                source, failure[1].splitlines()[0], failure[0])
+                source, _one_line(failure.reason), failure.offset)
     with open_file() as raw, gzip.GzipFile(fileobj=raw, mode="rb") as stream:
         for item in _records(stream, source, "decompressed", emitted, max_payload_bytes):
             if isinstance(item, _Failure):
-                yield _rest_of_file(source, item.offset, item.reason, "decompressed")
+                yield dead_letter(source, item.offset, f"unreadable from decompressed offset "
+                                  f"{item.offset} to end of file: {_one_line(item.reason)}",
+                                  stage="read")
                 return
             yield item
+
+
+def _one_line(reason: str) -> str:
+    return " ".join(reason.split())[:300]
+
+
+def _next_record_start(raw: IO[bytes], start: int, gzipped: bool) -> int | None:
+    """File offset of the next gzip member that decompresses to a WARC header, or of the next
+    line that starts a WARC header; None when there is none."""
+    marker = _GZIP_MEMBER if gzipped else b"\nWARC/1."
+    chunk_start, tail = start, b""
+    while True:
+        raw.seek(chunk_start)
+        chunk = raw.read(_SCAN_BYTES)
+        if not chunk:
+            return None
+        data, base = tail + chunk, chunk_start - len(tail)
+        found = data.find(marker)
+        while found != -1:
+            candidate = base + found + (0 if gzipped else 1)
+            if _starts_record(raw, candidate, gzipped):
+                return candidate
+            found = data.find(marker, found + 1)
+        tail = data[-(len(marker) - 1):]
+        chunk_start += len(chunk)
+
+
+def _starts_record(raw: IO[bytes], offset: int, gzipped: bool) -> bool:
+    raw.seek(offset)
+    head = raw.read(_SNIFF_BYTES)
+    head = _decompressed_start(head) if gzipped else head
+    return head.startswith((b"WARC/1.0\r\n", b"WARC/1.1\r\n"))
 
 
 def _decompressed_start(head: bytes) -> bytes:
@@ -121,12 +169,7 @@ class _QuietArchiveIterator(ArchiveIterator):
 class _Failure:
     offset: int
     reason: str
-
-
-def _rest_of_file(source: str, offset: int, reason: str, offset_in: str = "file") -> DeadLetter:
-    first = " ".join(reason.split())[:300]
-    return dead_letter(source, offset, f"unreadable from here to end of file ({offset_in} "
-                       f"offset): {first}", stage="read")
+    restream: bool = False  # a gzip layout problem that reading the whole stream can fix
 
 
 def _records(stream: IO[bytes], source: str, offset_in: str, skip: int,
@@ -135,14 +178,16 @@ def _records(stream: IO[bytes], source: str, offset_in: str, skip: int,
     iterator = _QuietArchiveIterator(stream, arc2warc=False)
     warnings = 0
     index = 0
-    offset = 0
+    offset = iterator.offset
     while True:
         try:
             record = next(iterator)
         except StopIteration:
             return
         except _STREAM_ERRORS as exc:
-            yield _Failure(offset, f"{type(exc).__name__}: {str(exc).strip() or 'no detail'}")
+            message = str(exc).strip() or "no detail"
+            yield _Failure(offset, f"{type(exc).__name__}: {message}",
+                           restream="non-chunked gzip" in message)
             return
         offset = max(offset, iterator.offset)
         try:

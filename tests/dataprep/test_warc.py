@@ -91,13 +91,28 @@ def test_truncated_uncompressed_record_is_dead_lettered(tmp_path):
     assert len(dead) == 1 and dead[0].offset == 405 and dead[0].reason.startswith("truncated")
 
 
-def test_garbage_between_records_dead_letters_the_rest(tmp_path):
+def test_garbage_between_records_is_skipped_to_the_next_record(tmp_path):
     data = (SAMPLES / "example-iana.org-chunked.warc").read_bytes()
+    garbage = b"this is not a record header\r\n\r\n"
     bad = tmp_path / "garbage.warc"
-    bad.write_bytes(data[:405] + b"this is not a record header\r\n\r\n" + data[405:])
+    bad.write_bytes(data[:405] + garbage + data[405:])
     records, dead = read(bad)
-    assert [r.rec_type for r in records] == ["warcinfo"]
-    assert len(dead) == 1 and dead[0].offset == 405 and "end of file" in dead[0].reason
+    assert [r.rec_type for r in records] == ["warcinfo", "response", "request"]
+    assert records[1].offset == 405 + len(garbage) and len(records[1].payload) == 7223
+    assert len(dead) == 1 and dead[0].offset == 405
+    assert dead[0].reason.startswith(f"unreadable from file offset 405 to offset {405 + len(garbage)}")
+
+
+def test_corrupt_gzip_member_is_skipped_to_the_next_member(tmp_path):
+    data = bytearray((SAMPLES / "example.warc.gz").read_bytes())
+    data[1000:1040] = bytes(40)  # inside the response's member (784..2012)
+    bad = tmp_path / "corrupt.warc.gz"
+    bad.write_bytes(bytes(data))
+    records, dead = read(bad)
+    assert [(r.rec_type, r.offset) for r in records] == [
+        ("warcinfo", 0), ("warcinfo", 353), ("request", 2012), ("revisit", 2621),
+        ("request", 3207)]
+    assert len(dead) == 1 and dead[0].offset == 784 and "to offset 2012" in dead[0].reason
 
 
 def test_written_warc_round_trips_with_stable_ids(tmp_path):
