@@ -141,3 +141,20 @@ def test_offsets_are_real_file_offsets(tmp_path, name):
         head = gzip.decompress(data[r.offset:])[:5] if name.endswith(".gz") else chunk[:5]
         assert head == b"WARC/"
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_arc_files_are_read_with_url_and_date_ids(tmp_path):
+    body = b"<html><body><p>An ARC page about bread, written long ago.</p></body></html>"
+    http = b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body), body)
+    desc = b"1 0 Alexa Internet\nURL IP-address Archive-date Content-type Archive-length\n"
+    arc = (b"filedesc://example.arc 0.0.0.0 20140216050221 text/plain %d\n%s\n" % (len(desc), desc)
+           + b"http://example.com/ 93.184.216.119 20140216050221 text/html %d\n%s\n" % (
+               len(http), http))
+    path = tmp_path / "example.arc.gz"
+    path.write_bytes(gzip.compress(arc))
+    records, dead = read(path)
+    assert dead == [] and [r.rec_type for r in records] == ["arc_header", "response"]
+    page = records[1]
+    assert (page.url, page.date, page.record_id, page.payload) == (
+        "http://example.com/", "20140216050221", None, body)
