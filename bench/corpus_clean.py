@@ -2,11 +2,11 @@
 datatrove's LocalPipelineExecutor running the same blocks with the same settings on the same WARC
 files, at equal cores; checks that both keep the same documents with the same text.
 
-    python bench/corpus_clean.py [--workers 1] [--timeout 1.0] [--pages 64]
+    python bench/corpus_clean.py [--workers 1] [--timeout 1.0] [--pages 100]
 
-Input: the Node.js API documentation pages (shared/data/nodejs-api-html.tar.gz) written as WARC
-response records (4 files, so both sides can split by file), plus the readable shared warcio
-samples (datatrove's WarcReader aborts a task on the broken ones, so they are left out here).
+Input: the WARC that `kiln crawl` writes when it crawls the embedded Node.js API documentation
+served on loopback (`jobs.serve_site`), plus the readable warcio samples (datatrove's WarcReader
+aborts a task on the broken ones, so they are left out here).
 Ours runs the whole job (read, select, extract, language, quality; URL filter and PII switched off
 because datatrove's side does not do them) with dedup off; the time includes Beam's start-up.
 Last line: one JSON object with the figures, `ratio` (ours over datatrove) and `goal`.
@@ -19,7 +19,6 @@ import gzip
 import json
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -36,13 +35,12 @@ from datatrove.pipeline.writers import JsonlWriter  # noqa: E402
 
 from dataprep.langid import LanguageClassifier, LanguageConfig  # noqa: E402
 from dataprep.quality import QualityConfig, build_filters  # noqa: E402
-from dataprep.warc import record_uid, write_html_warc  # noqa: E402
+from dataprep.warc import record_uid  # noqa: E402
 from jobs.corpus import CorpusConfig  # noqa: E402
 from kiln.cli import main as kiln  # noqa: E402
 from schemas.manifest import read_manifest  # noqa: E402
 from schemas.shards import iter_parquet_rows  # noqa: E402
 
-SHARED = Path("/work/shared/data")
 READABLE_SAMPLES = ("example.warc.gz", "example-iana.org-chunked.warc", "example-resource.warc.gz",
                     "example-wget-bad-target-uri.warc.gz", "example-trunc.warc")
 
@@ -62,15 +60,24 @@ class LanguageStep:
         return self.classifier.reason(language, score) is None
 
 
-def build_inputs(folder: Path, pages: int, files: int) -> None:
-    tar_path = next(p for p in (ROOT.parent.parent / "shared" / "data", SHARED)
-                    if (p / "nodejs-api-html.tar.gz").exists()) / "nodejs-api-html.tar.gz"
-    with tarfile.open(tar_path) as tar:
-        members = sorted(m.name for m in tar.getmembers() if m.isfile())[:pages]
-        docs = [(f"https://nodejs.org/api/{name}", tar.extractfile(name).read())
-                for name in members]
-    for i in range(files):
-        write_html_warc(str(folder / f"nodejs-{i}.warc.gz"), docs[i::files])
+def build_inputs(folder: Path, pages: int) -> None:
+    """Crawl the Node.js docs on loopback into `folder`, then add the readable samples."""
+    from jobs.serve_site import serve_sample_site
+
+    base_url, stop = serve_sample_site()
+    try:
+        seeds = folder.parent / "seeds.txt"
+        seeds.write_text(f"{base_url}/index.html\n")
+        code = kiln(["crawl", "--seeds", str(seeds), "--out", str(folder / "crawl"),
+                     "--allow-private", "--max-pages", str(pages), "--max-depth", "3",
+                     "--delay", "0", "--no-progress"])
+    finally:
+        stop()
+    if code:
+        raise SystemExit(f"kiln crawl failed with exit code {code}")
+    for warc in (folder / "crawl").glob("*.warc.gz"):
+        shutil.move(warc, folder / warc.name)
+    shutil.rmtree(folder / "crawl")
     for name in READABLE_SAMPLES:
         shutil.copy(ROOT / "jobs" / "sample_data" / "warc" / name, folder / name)
 
@@ -120,13 +127,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=1, help="Beam workers = datatrove tasks")
     parser.add_argument("--timeout", type=float, default=1.0, help="extraction timeout (s)")
-    parser.add_argument("--pages", type=int, default=64, help="Node.js pages to use (max 64)")
+    parser.add_argument("--pages", type=int, default=100, help="most pages to crawl")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="corpus-bench-") as tmp:
         tmp_path = Path(tmp)
         inputs = tmp_path / "warc"
         inputs.mkdir()
-        build_inputs(inputs, args.pages, files=4)
+        build_inputs(inputs, args.pages)
         theirs_s, theirs = run_datatrove(inputs, tmp_path / "datatrove", args.workers,
                                          args.timeout)
         ours_s, ours, docs = run_ours(inputs, tmp_path / "ours", args.workers, args.timeout)

@@ -23,7 +23,7 @@ from tests.dataprep.corpus_text import ENGLISH, FRENCH, html
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "jobs" / "sample_data" / "warc"
-NODE_TAR = ROOT.parent.parent / "shared" / "data" / "nodejs-api-html.tar.gz"
+NODE_TAR = ROOT / "jobs" / "sample_data" / "nodejs-api-html.tar.gz"
 NODE_PAGES = ("corepack.html", "index.html", "policy.html", "synopsis.html", "punycode.html")
 # a loaded test machine must not turn extraction timeouts into different outputs
 STEADY = ["--set", "clean.extract.timeout=120", "--set", "output.num_shards=3"]
@@ -31,8 +31,7 @@ PII_LINE = "Questions about this recipe go to baker@bakery.example or the server
 
 
 def node_pages() -> list[tuple[str, bytes]]:
-    path = NODE_TAR if NODE_TAR.exists() else Path("/work/shared/data/nodejs-api-html.tar.gz")
-    with tarfile.open(path) as tar:
+    with tarfile.open(NODE_TAR) as tar:
         return [(f"https://nodejs.org/api/{name}", tar.extractfile(name).read())
                 for name in NODE_PAGES]
 
