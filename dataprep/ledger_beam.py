@@ -1,6 +1,7 @@
-"""Beam helpers that keep the ledger of any job: run a per-record function as a counted stage,
-count outcomes with Beam combiners into a JSON-lines file, write dead letters, and turn the counts
-back into a `schemas.manifest.Ledger` in the launcher once the pipeline has finished.
+"""Beam helpers that keep the ledger of any job: run a per-record function as a counted stage
+(its outcomes are tagged outputs), sum every stage's count events in one combine into a JSON-lines
+file, write dead letters, and turn the counts back into a `schemas.manifest.Ledger` in the
+launcher once the pipeline has finished (works the same with the output on object storage).
 
 How a job uses it (corpus, tokenize, sft and preference jobs alike)::
 
@@ -18,7 +19,9 @@ How a job uses it (corpus, tokenize, sft and preference jobs alike)::
 
 A stage function is an object (pickled to workers) with `__call__(element) -> Outcome`, or, for a
 source stage (`source=True`), `__call__(element) -> Iterable[Outcome]` whose outcomes are the
-stage's input. Optional `setup()`/`teardown()` run once per DoFn instance (load models there).
+stage's input; with `fan_out=True` as well, the elements in are the ledger's `derived_from` (one
+record -> several units, e.g. completions -> pairs). Optional `setup()`/`teardown()` run once per
+DoFn instance (load models there).
 Extra facts that are not stages (e.g. PII redactions per kind) go through `Outcome.stats` and are
 read back with `read_stats`.
 """
@@ -38,6 +41,7 @@ from schemas.deadletter import DEAD_LETTER_DIR, DeadLetter
 from schemas.manifest import Ledger
 
 KEPT, FILTERED, DUPLICATE, ERROR, INPUT = "kept", "filtered", "duplicate", "error", "input"
+DERIVED_FROM = "derived_from"
 _STAT = "stat"  # count key prefix for non-stage facts
 _DEAD = "dead_letters"
 _COUNTS = "counts"
@@ -71,8 +75,8 @@ def count_key(stage: str, kind: str, reason: str | None = None) -> str:
 
 
 class _StageFn(beam.DoFn):
-    def __init__(self, name: str, fn: Any, source: bool) -> None:
-        self.name, self.fn, self.source = name, fn, source
+    def __init__(self, name: str, fn: Any, source: bool, fan_out: bool) -> None:
+        self.name, self.fn, self.source, self.fan_out = name, fn, source, fan_out
 
     def setup(self) -> None:
         if hasattr(self.fn, "setup"):
@@ -83,6 +87,10 @@ class _StageFn(beam.DoFn):
             self.fn.teardown()
 
     def process(self, element: Any) -> Iterable[Any]:
+        if self.fan_out:
+            yield TaggedOutput(_COUNTS, (count_key(self.name, DERIVED_FROM), 1))
+        if not self.source:
+            yield TaggedOutput(_COUNTS, (count_key(self.name, INPUT), 1))
         outcomes = self.fn(element) if self.source else (self.fn(element),)
         for outcome in outcomes:
             if self.source:
@@ -104,48 +112,48 @@ class _StageFn(beam.DoFn):
 class StageOutputs:
     kept: PCollection
     dead_letters: PCollection
-    counts: PCollection  # (key, n) pairs for WriteCounts
+    counts: PCollection  # (key, n) events, summed once by WriteCounts
 
 
 class Stage(beam.PTransform):
-    """Apply a per-record stage function; count input and every outcome under the stage's name."""
+    """Apply a per-record stage function; count input and every outcome under the stage's name.
 
-    def __init__(self, name: str, fn: Any, *, source: bool = False) -> None:
+    `source=True`: the function yields several outcomes per element and those outcomes are the
+    stage's input (a reader: files in, records out). `fan_out=True` additionally counts the
+    elements in as the ledger's `derived_from`, checked against the previous stage's kept.
+    """
+
+    def __init__(self, name: str, fn: Any, *, source: bool = False, fan_out: bool = False) -> None:
         super().__init__(label=None)
-        self.name, self.fn, self.source = name, fn, source
+        if fan_out and not source:
+            raise ValueError(f"stage '{name}': fan_out needs source=True")
+        self.name, self.fn, self.source, self.fan_out = name, fn, source, fan_out
 
     def expand(self, pcoll: PCollection) -> StageOutputs:
-        results = pcoll | "Apply" >> beam.ParDo(_StageFn(self.name, self.fn, self.source)
-                                                ).with_outputs(_DEAD, _COUNTS, main=KEPT)
-        outcome_counts = results[_COUNTS] | "CountOutcomes" >> beam.CombinePerKey(sum)
-        if self.source:
-            counts = outcome_counts
-        else:
-            counts = ((outcome_counts, _count(pcoll, self.name, INPUT, "Input"))
-                      | "MergeCounts" >> beam.Flatten())
-        return StageOutputs(results[KEPT], results[_DEAD], counts)
-
-
-def _count(pcoll: PCollection, stage: str, kind: str, label: str) -> PCollection:
-    key = count_key(stage, kind)
-    return (pcoll | f"Count{label}" >> beam.combiners.Count.Globally()
-            | f"Key{label}" >> beam.Map(lambda n, key=key: (key, n)))
+        results = pcoll | "Apply" >> beam.ParDo(
+            _StageFn(self.name, self.fn, self.source, self.fan_out)
+        ).with_outputs(_DEAD, _COUNTS, main=KEPT)
+        return StageOutputs(results[KEPT], results[_DEAD], results[_COUNTS])
 
 
 def stage_counts(name: str, *, input: PCollection, kept: PCollection,
                  duplicate: PCollection | None = None,
                  dead_letters: PCollection | None = None) -> PCollection:
-    """Counts for a composite that is not a `Stage` (dedup, a sink): each PCollection is counted."""
-    parts = [_count(input, name, INPUT, f"{name}Input"), _count(kept, name, KEPT, f"{name}Kept")]
-    if duplicate is not None:
-        parts.append(_count(duplicate, name, DUPLICATE, f"{name}Duplicate"))
-    if dead_letters is not None:
-        parts.append(_count(dead_letters, name, ERROR, f"{name}Error"))
-    return parts | f"{name}Counts" >> beam.Flatten()
+    """Count events for a composite that is not a `Stage` (dedup, a sink): one per element of
+    each PCollection given."""
+    parts = {INPUT: input, KEPT: kept, DUPLICATE: duplicate, ERROR: dead_letters}
+    events = [pcoll | f"{name}Count{kind.title()}" >> beam.Map(_event, count_key(name, kind))
+              for kind, pcoll in parts.items() if pcoll is not None]
+    return events | f"{name}Counts" >> beam.Flatten()
+
+
+def _event(_: Any, key: str) -> tuple[str, int]:
+    return key, 1
 
 
 class WriteCounts(beam.PTransform):
-    """(key, n) pairs -> `<directory>/ledger-counts-*.jsonl`, one `{"key", "n"}` object a line."""
+    """(key, n) events -> summed -> `<directory>/ledger-counts-*.jsonl`, `{"key", "n"}` a line.
+    Apply it once to all events flattened: one combine for the whole job."""
 
     def __init__(self, directory: str) -> None:
         super().__init__()
@@ -201,6 +209,7 @@ def read_ledger(directory: str, stages: Sequence[str]) -> Ledger:
     for name in stages:
         filtered: dict[str, int] = {}
         simple = {INPUT: 0, KEPT: 0, DUPLICATE: 0, ERROR: 0}
+        derived_from = None
         for key, n in totals.items():
             stage, kind, *reason = key.split("\t", 2)
             if stage != name:
@@ -208,10 +217,13 @@ def read_ledger(directory: str, stages: Sequence[str]) -> Ledger:
             if kind == FILTERED:
                 reason_key = reason[0] if reason else "unspecified"
                 filtered[reason_key] = filtered.get(reason_key, 0) + n
+            elif kind == DERIVED_FROM:
+                derived_from = n
             elif kind in simple:
                 simple[kind] += n
-        ledger.stage(name, simple[INPUT], simple[KEPT], dict(sorted(filtered.items())),
-                     simple[DUPLICATE], simple[ERROR])
+        stage = ledger.stage(name, simple[INPUT], simple[KEPT], dict(sorted(filtered.items())),
+                             simple[DUPLICATE], simple[ERROR])
+        stage.derived_from = derived_from
     return ledger
 
 

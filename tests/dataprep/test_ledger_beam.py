@@ -40,6 +40,14 @@ class KeepEven:
         return Outcome.kept(x, stats={"even_seen": 1})
 
 
+class Pairs:
+    """Fan-out stage: each record -> two units."""
+
+    def __call__(self, x: int):
+        yield Outcome.kept((x, 0))
+        yield Outcome.filtered("second")
+
+
 def test_stages_count_every_outcome_and_balance(tmp_path: Path):
     work, out = str(tmp_path / "work"), str(tmp_path / "out")
     with beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"])) as p:
@@ -48,13 +56,17 @@ def test_stages_count_every_outcome_and_balance(tmp_path: Path):
         small = even.kept | beam.Filter(lambda x: x < 600)
         # a stage that sees nothing still appears, with zeros
         idle = (even.kept | beam.Filter(lambda x: False)) | "idle" >> Stage("idle", KeepEven())
+        pairs = even.kept | "pairs" >> Stage("pairs", Pairs(), source=True, fan_out=True)
         sink = stage_counts("small", input=even.kept, kept=small,
                             duplicate=even.kept | beam.Filter(lambda x: x >= 600))
         (read.dead_letters, even.dead_letters) | "Dead" >> beam.Flatten() | WriteDeadLetters(out)
-        (read.counts, even.counts, sink, idle.counts) | "Counts" >> beam.Flatten() | WriteCounts(work)
+        (read.counts, even.counts, sink, idle.counts, pairs.counts) | "Counts" >> beam.Flatten() | WriteCounts(work)
 
     ledger = read_ledger(work, ["read", "even", "small"])
     assert ledger.check() == []
+    fan_out = read_ledger(work, ["even", "pairs"])
+    assert fan_out.check() == []
+    assert (fan_out.stages[1].derived_from, fan_out.stages[1].input) == (5, 10)
     idle_stage = read_ledger(work, ["idle"]).stages[0]
     assert (idle_stage.input, idle_stage.kept, idle_stage.filtered) == (0, 0, {})
     read_s, even_s, small_s = ledger.stages
