@@ -7,12 +7,17 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import sys
 import tarfile
+import types
+from dataclasses import dataclass
 from pathlib import Path
 
+import apache_beam as beam
 import pyarrow.parquet as pq
 import pytest
 
+import dataprep
 from dataprep.warc import write_html_warc
 from jobs.corpus import CorpusConfig
 from kiln.cli import main as kiln
@@ -146,14 +151,55 @@ def test_two_workers_write_identical_shards(inputs, one_worker, tmp_path, monkey
     assert two.ledger.to_json() == one.ledger.to_json()
 
 
+@dataclass
+class ExactDedupConfig:
+    keep: str = "smallest_id"
+
+
+class ExactDedup(beam.PTransform):
+    """A stand-in with the seam's shape (the real one lives in dataprep.dedup): documents with
+    the same text -> the smallest id kept, the others as duplicates."""
+
+    def __init__(self, config: ExactDedupConfig) -> None:
+        super().__init__()
+
+    def expand(self, docs):
+        def split(item):
+            _, group = item
+            group = sorted(group, key=lambda d: d["id"])
+            yield group[0]
+            for dup in group[1:]:
+                yield beam.pvalue.TaggedOutput("duplicates", {
+                    "id": dup["id"], "duplicate_of": group[0]["id"], "stage": "exact_dedup",
+                    "similarity": 1.0})
+
+        return (docs | beam.Map(lambda d: (hashlib.sha1(d["text"].encode()).hexdigest(), d))
+                | beam.GroupByKey() | beam.FlatMap(split).with_outputs("duplicates", main="kept"))
+
+
 @pytest.mark.slow
-def test_portable_runner_loopback(inputs, one_worker, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+def test_portable_runner_loopback_with_a_dedup_stage(inputs, one_worker, tmp_path, monkeypatch):
+    """The portable (Spark/Flink) path, plus the --dedup seam: stage in the ledger, duplicates/."""
+    seam = types.ModuleType("dataprep.dedup")
+    seam.ExactDedup, seam.ExactDedupConfig = ExactDedup, ExactDedupConfig
+    monkeypatch.setitem(sys.modules, "dataprep.dedup", seam)
+    monkeypatch.setattr(dataprep, "dedup", seam, raising=False)
     out = tmp_path / "portable"
-    assert run(inputs, out, "--runner=PortableRunner", "--job_endpoint=embed",
-               "--environment_type=LOOPBACK") == 0
-    assert [s.sha256 for s in read_manifest(str(out)).shards] == \
-        [s.sha256 for s in read_manifest(str(one_worker)).shards]
+    assert kiln(["corpus", "--input", f"{inputs}/*", "--out", str(out), "--dedup", "exact",
+                 *STEADY, "--runner=PortableRunner", "--job_endpoint=embed",
+                 "--environment_type=LOOPBACK"]) == 0
+    manifest = read_manifest(str(out))
+    assert manifest.ledger.check() == []
+    dedup = manifest.ledger.stages[-1]
+    assert (dedup.name, dedup.input, dedup.duplicate) == ("exact_dedup", dedup.kept + 1, 1)
+    duplicates = [json.loads(line) for f in (out / "duplicates").glob("*.jsonl")
+                  for line in f.read_text().splitlines() if line]
+    assert len(duplicates) == 1 and duplicates[0]["stage"] == "exact_dedup"
+    before = {d["id"]: d for d in documents(one_worker)}
+    after = {d["id"]: d for d in documents(out)}
+    assert set(before) - set(after) == {duplicates[0]["id"]}
+    assert before[duplicates[0]["id"]]["text"] == after[duplicates[0]["duplicate_of"]]["text"]
+    assert all(after[i] == before[i] for i in after)
 
 
 def test_unusable_arguments_exit_2(inputs, tmp_path, capsys):
