@@ -1,5 +1,5 @@
 """Beam helpers that keep the ledger of any job: run a per-record function as a counted stage
-(its outcomes are tagged outputs), sum every stage's count events in one combine into a JSON-lines
+(its outcomes are tagged outputs), sum every stage's count events in one combine into a JSON
 file, write dead letters, and turn the counts back into a `schemas.manifest.Ledger` in the
 launcher once the pipeline has finished (works the same with the output on object storage).
 
@@ -45,7 +45,7 @@ DERIVED_FROM = "derived_from"
 _STAT = "stat"  # count key prefix for non-stage facts
 _DEAD = "dead_letters"
 _COUNTS = "counts"
-COUNTS_PREFIX = "ledger-counts"
+COUNTS_FILE = "ledger-counts.json"
 
 
 @dataclass(frozen=True)
@@ -151,20 +151,64 @@ def _event(_: Any, key: str) -> tuple[str, int]:
     return key, 1
 
 
+class _SumByKey(beam.CombineFn):
+    """(key, n) events -> {key: total}; lifted, so each bundle pre-sums before the shuffle."""
+
+    def create_accumulator(self) -> dict[str, int]:
+        return {}
+
+    def add_input(self, acc: dict[str, int], event: tuple[str, int]) -> dict[str, int]:
+        acc[event[0]] = acc.get(event[0], 0) + event[1]
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[dict[str, int]]) -> dict[str, int]:
+        merged: dict[str, int] = {}
+        for acc in accs:
+            for key, n in acc.items():
+                merged[key] = merged.get(key, 0) + n
+        return merged
+
+    def extract_output(self, acc: dict[str, int]) -> dict[str, int]:
+        return dict(sorted(acc.items()))
+
+
 class WriteCounts(beam.PTransform):
-    """(key, n) events -> summed -> `<directory>/ledger-counts-*.jsonl`, `{"key", "n"}` a line.
-    Apply it once to all events flattened: one combine for the whole job."""
+    """(key, n) events -> `<directory>/ledger-counts.json` ({key: total}). Apply it once to all
+    events flattened: one combine for the whole job, and the file exists even when nothing ran."""
 
     def __init__(self, directory: str) -> None:
         super().__init__()
         self.directory = directory
 
     def expand(self, counts: PCollection) -> Any:
-        return (counts
-                | "SumByKey" >> beam.CombinePerKey(sum)
-                | "ToJson" >> beam.MapTuple(lambda k, n: json.dumps({"key": k, "n": n}))
-                | "Write" >> beam.io.WriteToText(FileSystems.join(self.directory, COUNTS_PREFIX),
-                                                 file_name_suffix=".jsonl", num_shards=1))
+        path = FileSystems.join(self.directory, COUNTS_FILE)
+        return (counts | "Sum" >> beam.CombineGlobally(_SumByKey())
+                | "Write" >> beam.Map(_write_json, path))
+
+
+class WriteJsonList(beam.PTransform):
+    """A small PCollection (shard entries, summaries) -> one JSON file holding the sorted list."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def expand(self, items: PCollection) -> Any:
+        return (items | "Collect" >> beam.combiners.ToList()
+                | "Write" >> beam.Map(lambda xs, path=self.path: _write_json(
+                    sorted(xs, key=lambda x: json.dumps(x, sort_keys=True)), path)))
+
+
+def _write_json(obj: Any, path: str) -> str:
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+    return path
+
+
+def read_json(path: str) -> Any:
+    """Read a file WriteCounts/WriteJsonList wrote (local or object storage)."""
+    with FileSystems.open(path) as f:
+        return json.loads(f.read().decode("utf-8"))
 
 
 class WriteJsonLines(beam.PTransform):
@@ -190,16 +234,8 @@ class WriteDeadLetters(WriteJsonLines):
 
 
 def read_counts(directory: str) -> dict[str, int]:
-    """The counts WriteCounts wrote (local or object storage), summed by key."""
-    totals: dict[str, int] = {}
-    pattern = FileSystems.join(directory, f"{COUNTS_PREFIX}*.jsonl")
-    for metadata in FileSystems.match([pattern])[0].metadata_list:
-        with FileSystems.open(metadata.path) as f:
-            for line in f.read().decode("utf-8").splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    totals[row["key"]] = totals.get(row["key"], 0) + int(row["n"])
-    return totals
+    """The totals WriteCounts wrote into `directory`."""
+    return read_json(FileSystems.join(directory, COUNTS_FILE))
 
 
 def read_ledger(directory: str, stages: Sequence[str]) -> Ledger:

@@ -27,6 +27,8 @@ from dataprep.ledger_beam import (
     WriteCounts,
     WriteDeadLetters,
     WriteJsonLines,
+    WriteJsonList,
+    read_json,
     read_ledger,
     read_stats,
     stage_counts,
@@ -41,6 +43,7 @@ log = get_logger(__name__)
 
 WORK_DIR = "_work"  # counts and shard entries from the workers; removed once the manifest exists
 DUPLICATES_DIR = "duplicates"
+SHARDS_FILE = "shards.json"
 # --dedup value -> (ledger stage, composite in dataprep.dedup, its config dataclass)
 DEDUP_METHODS = {
     "exact": ("exact_dedup", "ExactDedup", "ExactDedupConfig"),
@@ -117,7 +120,7 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], out: str,
         docs = result["kept"]
     (docs | "Shards" >> WriteDocumentShards(out, config.output.num_shards,
                                             config.output.row_group_rows)
-     | "ShardEntries" >> WriteJsonLines(work, "shards"))
+     | "ShardEntries" >> WriteJsonList(FileSystems.join(work, SHARDS_FILE)))
     clean.dead_letters | "AllDeadLetters" >> beam.Flatten() | WriteDeadLetters(out)
     if duplicates:
         (duplicates | "AllDuplicates" >> beam.Flatten()
@@ -160,7 +163,7 @@ def assemble_manifest(out: str, stages: list[str], config: CorpusConfig,
     problems = ledger.check()
     if problems:
         raise DataError("ledger does not balance: " + "; ".join(problems), path=out)
-    shards = sorted((ShardEntry(**row) for row in _read_json_lines(work, "shards")),
+    shards = sorted((ShardEntry(**row) for row in read_json(FileSystems.join(work, SHARDS_FILE))),
                     key=lambda s: s.path)
     stats = read_stats(work)
     c = contract("documents")
@@ -178,14 +181,6 @@ def assemble_manifest(out: str, stages: list[str], config: CorpusConfig,
 def _as_dir(path: str) -> str:
     # object stores delete "prefix/" recursively; a local directory is removed with its files
     return path.rstrip("/") + "/"
-
-
-def _read_json_lines(directory: str, prefix: str) -> list[dict[str, Any]]:
-    rows = []
-    for metadata in FileSystems.match([FileSystems.join(directory, f"{prefix}*")])[0].metadata_list:
-        with FileSystems.open(metadata.path) as f:
-            rows += [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line]
-    return rows
 
 
 def _prepare_out(out: str, overwrite: bool) -> None:
