@@ -134,6 +134,16 @@ def train_sentencepiece(texts: Iterable[str], spec: TrainSpec) -> bytes:
     if spec.model_type not in ("bpe", "unigram"):
         raise UsageError(f"tokenizer model_type must be bpe or unigram, got {spec.model_type!r}")
     buf = io.BytesIO()
+    try:
+        _train(spm, texts, spec, buf)
+    except RuntimeError as exc:  # sentencepiece reports bad settings (vocab too small) this way
+        raise UsageError(f"sentencepiece training failed: {str(exc).split('] ')[-1]}") from None
+    proto = buf.getvalue()
+    check_fixed_ids(SentencePieceTokenizer(proto))
+    return proto
+
+
+def _train(spm, texts: Iterable[str], spec: TrainSpec, buf: io.BytesIO) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=buf, vocab_size=spec.vocab_size,
         model_type=spec.model_type, byte_fallback=spec.byte_fallback,
@@ -146,9 +156,6 @@ def train_sentencepiece(texts: Iterable[str], spec: TrainSpec) -> bytes:
         user_defined_symbols=list(st.CHAT_TOKENS), hard_vocab_limit=False,
         shuffle_input_sentence=False, minloglevel=2,
     )
-    proto = buf.getvalue()
-    check_fixed_ids(SentencePieceTokenizer(proto))
-    return proto
 
 
 def training_lines(text: str, max_bytes: int) -> Iterator[str]:
