@@ -4,9 +4,20 @@
         --out SHARD_DIR [--shard-tokens N] [--max-doc-tokens N --long-docs split|drop] \\
         [--source-weight web=0.7 --source-weight code=0.3] [Beam pipeline options...]
 
-Output: `<source>-<k>.bin/.idx` pairs (one document per sequence, EOS appended), `manifest.json`
-(schema `megatron_indexed` v1) whose `extra.blend` is the `[weight, prefix, ...]` list megatron's
-`get_blend_from_list` takes (prefixes relative to SHARD_DIR), and `dead-letter/*.jsonl`.
+Output: `<source>-<k>.bin/.idx` pairs (one document per sequence, EOS appended; a document longer
+than --max-doc-tokens becomes several EOS-terminated sequences), `dead-letter/*.jsonl`, and
+`manifest.json` (schema `megatron_indexed` v1) with, for a mixture of `web` and `code`:
+
+    "sources": {"web": {"input": "web=...", "files": 12, "documents": 9000,
+                        "split_documents": 40, "sequences": 9100, "tokens": 7000000,
+                        "shards": ["web-00000", "web-00001"], "weight": 0.7}, "code": {...}},
+    "extra": {"blend": [0.42, "web-00000", 0.28, "web-00001", 0.3, "code-00000"], ...}
+
+`extra.blend` is megatron's flat `[weight, prefix, weight, prefix, ...]` (`--data-path`,
+`megatron.core.datasets.utils.get_blend_from_list`), one entry per shard, prefixes relative to
+SHARD_DIR: join them with the directory, then `BlendedMegatronDatasetConfig(blend=...)`. A
+source's weight (default: its share of the tokens; `--source-weight` to set) is split among its
+shards by their tokens; weights sum to 1.
 """
 
 from __future__ import annotations
@@ -86,6 +97,8 @@ def main(argv: Sequence[str]) -> int:
     os.makedirs(out, exist_ok=True)
 
     tok = load_tokenizer(args.tokenizer)
+    if args.add_bos and tok.bos_id is None:
+        raise UsageError(f"--add-bos: tokenizer {args.tokenizer!r} has no BOS token")
     sources = parse_sources(args.input, args.source_tag, args.source_weight)
     units = plan_units(sources, args.rows_per_unit)
     settings = EncodeSettings(text_field=args.text_field, id_field=args.id_field,

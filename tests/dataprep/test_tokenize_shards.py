@@ -12,18 +12,21 @@ import random
 import numpy as np
 import pytest
 
-from dataprep.token_inputs import InputUnit
+from dataprep.token_inputs import InputUnit, parse_sources
 from dataprep.token_shards import (
     EncodeSettings,
     PartResult,
     SequenceWriter,
     document_sequences,
     plan_shards,
+    token_manifest,
     tokenize_unit,
     write_shard,
 )
 from dataprep.tokenizer import SentencePieceTokenizer, TrainSpec, train_sentencepiece
+from kiln.errors import UsageError
 from schemas.indexed import IndexedReader, check_pair
+from schemas.manifest import ShardEntry
 
 HH = "/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
 EOS, BOS = 3, 2
@@ -142,3 +145,33 @@ def test_tokenize_unit_counts_every_record_and_dead_letters_bad_ones(tmp_path, s
             long_ids = small_tok.encode("word " * 300)
             assert [t for s in seqs[1:-1] for t in s[:-1]] == long_ids
         assert os.path.exists(f"{res.prefix}.idx")
+
+
+def test_sources_parse_tags_and_weights_into_a_megatron_blend(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.jsonl").write_text('{"text": "t"}\n')
+    sources = parse_sources([f"web={tmp_path / 'a'}", str(tmp_path / "b")],
+                            weights=["web=3", "b=1"])
+    assert [(s.name, s.weight, len(s.files)) for s in sources] == [("web", 3.0, 1), ("b", 1.0, 1)]
+    tagged = parse_sources([str(tmp_path / "a"), str(tmp_path / "b")], tags=["x", "y"])
+    assert [s.name for s in tagged] == ["x", "y"]
+    with pytest.raises(UsageError):
+        parse_sources([str(tmp_path / "a"), str(tmp_path / "a")])  # same default tag twice
+    with pytest.raises(UsageError):
+        parse_sources([str(tmp_path / "a")], weights=["nope=1"])
+    parts = [PartResult("web", "0", 0, 0, "p0", records=3, documents=3, tokens=300),
+             PartResult("b", "0", 0, 0, "p1", records=2, read_errors=1, documents=1, tokens=100)]
+    shards = [ShardEntry("web-00000.bin", 2, 10, "h", tokens=200, source="web"),
+              ShardEntry("web-00001.bin", 1, 10, "h", tokens=100, source="web"),
+              ShardEntry("b-00000.bin", 1, 10, "h", tokens=100, source="b")]
+    tok = {"fingerprint": "f", "vocab_size": 1000, "eos_id": 3}
+    m = token_manifest(sources, parts, shards, tok, EncodeSettings(), 1000)
+    assert m.extra["blend"] == [0.75 * 2 / 3, "web-00000", 0.75 / 3, "web-00001", 0.25, "b-00000"]
+    assert m.sources["web"]["weight"] == 0.75 and m.sources["b"]["shards"] == ["b-00000"]
+    assert m.ledger.check() == [] and m.ledger.stages[0].error == 1
+    default = token_manifest(tagged[:1] + parse_sources([str(tmp_path / "b")]), [], [], tok,
+                             EncodeSettings(), 1000)
+    assert default.extra["blend"] == [] and default.tokens == 0
+    with pytest.raises(UsageError):
+        token_manifest([sources[0], tagged[1]], parts, shards, tok, EncodeSettings(), 1000)
