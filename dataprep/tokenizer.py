@@ -189,14 +189,18 @@ def save_tokenizer_dir(out_dir: str, tok: SentencePieceTokenizer) -> None:
 
 def load_tokenizer(path: str) -> Tokenizer:
     """A tokenizer from a llmkiln TOK_DIR, a sentencepiece `.model` file, or a Hugging Face
-    model directory (`tokenizer.json`)."""
+    model directory (`tokenizer.json`). A directory with both `tokenizer.json` +
+    `tokenizer_config.json` and a `.model` (as Llama's) is read as Hugging Face: its config
+    names the special tokens the model was trained with."""
     from kiln.paths import exists, join
 
     if path.endswith(".model") and exists(path):
         return SentencePieceTokenizer.load(path)
-    if exists(join(path, MODEL_FILE)):
+    is_hf = exists(join(path, "tokenizer.json"))
+    if exists(join(path, MODEL_FILE)) and not (is_hf and exists(join(path,
+                                                                      "tokenizer_config.json"))):
         return SentencePieceTokenizer.load(join(path, MODEL_FILE))
-    if exists(join(path, "tokenizer.json")):
+    if is_hf:
         from dataprep.hf_tokenizer import HFTokenizer
 
         return HFTokenizer.load(path)

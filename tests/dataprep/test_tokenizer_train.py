@@ -135,6 +135,22 @@ def test_hf_tokenizer_matches_transformers(hf_dir, hh_texts):
     assert clone.encode(texts[1]) == expected[1] and clone.fingerprint == tok.fingerprint
 
 
+def test_hf_tokenizer_feeds_the_token_shards(hf_dir, hh_texts, tmp_path):
+    from dataprep.token_inputs import InputUnit
+    from dataprep.token_shards import EncodeSettings, tokenize_unit
+    from schemas.indexed import IndexedReader
+
+    tok = load_tokenizer(hf_dir)
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in hh_texts[:30]))
+    res, dead = tokenize_unit(InputUnit("hf", str(path), 0), tok, EncodeSettings(add_bos=True),
+                              str(tmp_path / "parts"))
+    assert not dead and res.documents == 30
+    reader = IndexedReader(res.prefix)
+    assert [reader[i].tolist() for i in range(30)] == \
+        [[tok.bos_id, *tok.encode(t), tok.eos_id] for t in hh_texts[:30]]
+
+
 def test_adopt_hf_and_sentencepiece_with_the_job(hf_dir, hh_texts, tmp_path):
     from jobs.tokenizer import INFO_FILE, main
 
