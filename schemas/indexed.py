@@ -129,9 +129,10 @@ def check_pair(prefix: str, vocab_size: int | None = None) -> Index:
         raise IndexFormatError(f"sequence {bad}: pointer {index.pointers[bad]} disagrees with the "
                                f"lengths before it (expected {expected_ptr[bad]})")
     d = index.document_indices
-    if len(d) == 0 or d[0] != 0 or d[-1] != n or (np.diff(d) < 0).any():
-        raise IndexFormatError("document_indices: must start at 0, be non-decreasing and end at "
-                               f"the sequence count {n}")
+    if len(d) != n + 1 or not np.array_equal(d, np.arange(n + 1)):
+        bad = int(np.argmax(d != np.arange(len(d)))) if len(d) == n + 1 else len(d)
+        raise IndexFormatError(f"document_indices[{bad}]: llmkiln shards hold one sequence per "
+                               f"document, so the indices must be 0..{n}")
     bin_size = os.path.getsize(f"{prefix}.bin")
     total = int(index.lengths.astype(np.int64).sum()) * index.dtype.itemsize
     if bin_size != total:

@@ -18,11 +18,13 @@ from schemas.manifest import ShardEntry
 _CHUNK = 1 << 20
 
 
-def sha256_file(path: str) -> str:
+def sha256_file(*paths: str) -> str:
+    """sha256 over the files' bytes in order (an indexed shard hashes `.bin` then `.idx`)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -69,6 +71,20 @@ def write_parquet_shard(path: str, rows: Sequence[Mapping[str, Any]] | pa.Table,
     pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows)
     os.replace(tmp, path)
     return _entry(path, table.num_rows, 0, root)
+
+
+def indexed_shard_entry(prefix: str, *, root: str | None = None,
+                        source: str | None = None) -> ShardEntry:
+    """Manifest entry of a finished `.bin/.idx` pair: path is the `.bin`, sha256 covers both."""
+    from schemas.indexed import read_index
+
+    index = read_index(f"{prefix}.idx")
+    bin_path = f"{prefix}.bin"
+    rel = os.path.relpath(bin_path, root) if root else os.path.basename(bin_path)
+    return ShardEntry(path=rel, rows=len(index.lengths),
+                      bytes=os.path.getsize(bin_path) + os.path.getsize(f"{prefix}.idx"),
+                      sha256=sha256_file(bin_path, f"{prefix}.idx"),
+                      tokens=int(index.lengths.sum(dtype="int64")), source=source)
 
 
 def read_arrow_shard(path: str) -> pa.Table:

@@ -1,0 +1,84 @@
+"""Arrow shard loading, the resumable DP sampler and the collators' masking conventions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.errors import DataError
+from tests.schemas.conftest import FINGERPRINT, make_dataset
+from trainer.chat_data import (
+    DistributedSampler,
+    ShardSet,
+    collate_preference,
+    collate_sft,
+    collate_unpaired,
+)
+
+
+def test_shard_set_reads_rows_and_refuses_mismatches(tmp_path):
+    d = make_dataset(str(tmp_path / "p"), "preference")
+    ds = ShardSet(d, ["preference"], FINGERPRINT)
+    assert len(ds) == 24 and ds.row(0)["id"] == "preference-0"
+    with pytest.raises(DataError, match="tokenizer fingerprint .* does not match"):
+        ShardSet(d, ["preference"], "0" * 64)
+    with pytest.raises(DataError, match="this stage reads sft"):
+        ShardSet(d, ["sft"], FINGERPRINT)
+    with pytest.raises(DataError, match="no manifest.json"):
+        ShardSet(str(tmp_path), ["sft"], None)
+
+
+def test_sampler_resume_continues_at_the_exact_sample():
+    full = DistributedSampler(50, 8, 0, 1, seed=3)
+    seen = [full.next_global_batch() for _ in range(13)]  # crosses two epoch boundaries
+    resumed = DistributedSampler(50, 8, 0, 1, seed=3, consumed_samples=5 * 8)
+    again = [resumed.next_global_batch() for _ in range(8)]
+    assert all(np.array_equal(a, b) for a, b in zip(seen[5:], again, strict=True))
+    first_epoch = np.concatenate(seen[:6])
+    assert len(set(first_epoch.tolist())) == 48  # no repeats within an epoch
+
+
+def test_sampler_dp_ranks_partition_each_global_batch():
+    single = DistributedSampler(40, 8, 0, 1, seed=1).next_global_batch()
+    parts = [DistributedSampler(40, 8, r, 4, seed=1).next_global_batch() for r in range(4)]
+    assert np.array_equal(np.concatenate(parts), single)
+    with pytest.raises(DataError, match="not divisible"):
+        DistributedSampler(40, 6, 0, 4, seed=1)
+
+
+def test_sft_collate_shifts_labels_and_mask():
+    row = {"input_ids": np.array([2, 5, 10, 11, 7, 6, 20, 21, 7, 3]),
+           "loss_mask": np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])}
+    b = collate_sft([row], None, pad_id=0)
+    assert b.tokens.shape == (1, 16)
+    assert b.labels[0, :9].tolist() == row["input_ids"][1:].tolist()
+    # trained on predicting 20, 21, <|end|>, </s>: targets at positions 5..8
+    assert b.loss_mask[0].nonzero()[0].tolist() == [5, 6, 7, 8]
+
+
+def test_packed_rows_keep_attention_positions_and_loss_inside_each_conversation():
+    a = [2, 5, 10, 7, 6, 11, 7, 3]
+    c = [2, 5, 12, 13, 7, 6, 14, 7, 3]
+    row = {"input_ids": np.array(a + c), "loss_mask": np.array([0, 0, 0, 0, 0, 1, 1, 1] + [0, 0, 0, 0, 0, 0, 1, 1, 1]),
+           "seq_boundaries": np.array([0, len(a), len(a) + len(c)])}
+    b = collate_sft([row], 24, pad_id=0)
+    m = b.attention_mask[0, 0]
+    n = len(a)
+    assert m[n:, :n].all(), "second conversation must not attend to the first"
+    assert not m[n + 3, n:n + 4].any() and m[n + 3, n + 4:].all()
+    assert b.position_ids[0, n] == 0 and b.position_ids[0, n - 1] == n - 1
+    # the target at the boundary (first token of conversation 2) carries no loss
+    assert b.loss_mask[0, n - 1] == 0
+
+
+def test_preference_and_unpaired_collate_layout():
+    rows = [{"prompt_ids": np.array([2, 5, 9, 7, 6]), "chosen_ids": np.array([30, 7, 3]),
+             "rejected_ids": np.array([31, 32, 7, 3]), "margin": None}] * 2
+    b = collate_preference(rows, None, pad_id=0)
+    assert b.tokens.shape[0] == 4
+    assert b.loss_mask[0].sum() == 3 and b.loss_mask[2].sum() == 4
+    un = [{"prompt_ids": np.array([2, 5, 6]), "completion_ids": np.array([40 + i, 3]), "label": i % 2 == 0}
+          for i in range(3)]
+    k = collate_unpaired(un, None, pad_id=0)
+    assert k.tokens.shape[0] == 6 and k.extra["label"].tolist() == [True, False, True]
+    assert k.labels[3, 2] == 41  # KL pair 0 uses completion 1
