@@ -21,7 +21,6 @@ with EOS each sequence is a well-formed sample for the EOD-based masks and posit
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 from bisect import bisect_left, bisect_right
@@ -35,6 +34,7 @@ from kiln.errors import UsageError
 from schemas.deadletter import DeadLetter, dead_letter
 from schemas.indexed import index_bytes, read_index, token_dtype
 from schemas.manifest import Ledger, Manifest, ShardEntry
+from schemas.shards import indexed_shard_entry
 
 _COPY_CHUNK = 16 << 20
 
@@ -252,21 +252,8 @@ def write_shard(task: ShardTask, out_dir: str) -> ShardEntry | None:
     if writer is None:
         return None
     writer.finalize()
-    return shard_entry(os.path.join(out_dir, task.name), task.source)
-
-
-def shard_entry(prefix: str, source: str | None) -> ShardEntry:
-    """Manifest entry of a finished pair: path is the `.bin`, sha256 covers `.bin` then `.idx`."""
-    h = hashlib.sha256()
-    for path in (f"{prefix}.bin", f"{prefix}.idx"):
-        with open(path, "rb") as f:
-            while chunk := f.read(_COPY_CHUNK):
-                h.update(chunk)
-    index = read_index(f"{prefix}.idx")
-    return ShardEntry(path=f"{os.path.basename(prefix)}.bin", rows=len(index.lengths),
-                      bytes=os.path.getsize(f"{prefix}.bin") + os.path.getsize(f"{prefix}.idx"),
-                      sha256=h.hexdigest(), tokens=int(index.lengths.sum(dtype=np.int64)),
-                      source=source)
+    return indexed_shard_entry(os.path.join(out_dir, task.name), root=out_dir,
+                               source=task.source)
 
 
 def token_manifest(sources: Sequence, parts: Sequence[PartResult], shards: Sequence[ShardEntry],

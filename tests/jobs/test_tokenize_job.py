@@ -230,26 +230,42 @@ def test_ledger_balances_and_bad_records_are_dead_lettered(shards):
     assert "invalid JSON" in entries[0]["reason"] and "text" in entries[1]["reason"]
 
 
+def test_kiln_validate_passes_on_the_output(shards):
+    from schemas.validate import main as validate_main
+    from schemas.validate import validate_path
+
+    report = validate_path(str(shards))
+    assert report.ok, [str(i) for i in report.issues]
+    manifest = read_manifest(str(shards))
+    assert (report.rows, report.tokens) == (manifest.rows, manifest.tokens)
+    assert validate_main([str(shards)]) == 0
+
+
 def test_broken_shards_are_reported_with_their_position(shards, tmp_path):
+    from schemas.validate import validate_path
+
     manifest = read_manifest(str(shards))
     prefix = manifest.sources["hh"]["shards"][0]
     broken = tmp_path / "broken"
-    shutil.copytree(shards, broken, ignore=shutil.ignore_patterns("*-*", "dead-letter"))
-    for ext in ("bin", "idx"):
-        shutil.copy(shards / f"{prefix}.{ext}", broken / f"{prefix}.{ext}")
-    check_pair(str(broken / prefix), 1200)
+    shutil.copytree(shards, broken)
     tokens = np.memmap(broken / f"{prefix}.bin", dtype=np.uint16, mode="r+")
     tokens[777] = 1200
     tokens.flush()
     with pytest.raises(IndexFormatError, match=r"token 777 \(sequence \d+\): id 1200"):
         check_pair(str(broken / prefix), 1200)
+    issues = [str(i) for i in validate_path(str(broken)).issues]
+    assert any(f"{prefix}.bin" in i and "sha256" in i for i in issues)
+    assert any("token 777 (sequence" in i and "id 1200" in i for i in issues), issues
     tokens[777] = 5
     tokens.flush()
+    del tokens
     idx = bytearray((broken / f"{prefix}.idx").read_bytes())
     idx[34:38] = (int.from_bytes(idx[34:38], "little") + 1).to_bytes(4, "little")  # length[0]
     (broken / f"{prefix}.idx").write_bytes(bytes(idx))
     with pytest.raises(IndexFormatError, match="sequence 1: pointer"):
         check_pair(str(broken / prefix), 1200)
+    issues = [str(i) for i in validate_path(str(broken)).issues]
+    assert any("sequence 1: pointer" in i for i in issues), issues
 
 
 def test_cli_rejects_unusable_arguments(corpus, tok_dir, shards, tmp_path):
