@@ -126,8 +126,11 @@ def resolve_files(path: str) -> list[str]:
     return files
 
 
-def plan_units(sources: Sequence[Source], rows_per_unit: int) -> list[InputUnit]:
-    """Cut every file into units; Parquet by whole row groups (footer read only)."""
+def plan_units(sources: Sequence[Source], rows_per_unit: int,
+               text_field: str = "text") -> list[InputUnit]:
+    """Cut every file into units; Parquet by whole row groups (footer read only, so a file that
+    is not Parquet or lacks the text column fails here, before the pipeline starts)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from kiln.paths import open_path
@@ -138,8 +141,15 @@ def plan_units(sources: Sequence[Source], rows_per_unit: int) -> list[InputUnit]
             if not path.endswith(PARQUET_SUFFIXES):
                 units.append(InputUnit(src.name, path, i))
                 continue
-            with open_path(path, "rb") as f:
-                meta = pq.ParquetFile(f).metadata
+            try:
+                with open_path(path, "rb") as f:
+                    pf = pq.ParquetFile(f)
+                    meta, names = pf.metadata, pf.schema_arrow.names
+            except (pa.ArrowException, OSError) as exc:
+                raise DataError(f"unreadable Parquet file: {exc}", path=path) from None
+            if text_field not in names:
+                raise DataError(f"no column '{text_field}' (columns: {', '.join(names)})",
+                                path=path, field=text_field)
             start, groups, rows = 0, [], 0
             for g in range(meta.num_row_groups):
                 groups.append(g)
@@ -161,50 +171,56 @@ def read_unit(unit: InputUnit, text_field: str = "text", id_field: str = "id",
 
 def _read_parquet(unit: InputUnit, text_field: str, id_field: str,
                   batch_rows: int) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from kiln.paths import open_path
 
-    with open_path(unit.path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        if text_field not in names:
-            raise DataError(f"no column '{text_field}' (columns: {', '.join(names)})",
-                            path=unit.path, field=text_field)
-        columns = [text_field] + ([id_field] if id_field in names else [])
-        offset = unit.row_start
-        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=list(unit.row_groups),
-                                     columns=columns):
-            texts = batch.column(text_field).to_pylist()
-            ids = batch.column(id_field).to_pylist() if id_field in names else [None] * len(texts)
-            for text, doc_id in zip(texts, ids, strict=True):
-                problem = None if isinstance(text, str) else f"field '{text_field}' is not a string"
-                yield Record(unit.path, offset, None if doc_id is None else str(doc_id),
-                             text if problem is None else None, problem)
-                offset += 1
+    offset = unit.row_start
+    try:
+        with open_path(unit.path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            columns = [text_field] + ([id_field] if id_field in names else [])
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=list(unit.row_groups),
+                                         columns=columns):
+                texts = batch.column(text_field).to_pylist()
+                ids = (batch.column(id_field).to_pylist() if id_field in names
+                       else [None] * len(texts))
+                for text, doc_id in zip(texts, ids, strict=True):
+                    problem = None if isinstance(text, str) else \
+                        f"field '{text_field}' is not a string"
+                    yield Record(unit.path, offset, None if doc_id is None else str(doc_id),
+                                 text if problem is None else None, problem)
+                    offset += 1
+    except (pa.ArrowException, OSError) as exc:  # a damaged page: the rest of the unit is lost
+        yield Record(unit.path, offset, None, None, f"unreadable from row {offset}: {exc}")
 
 
 def _read_jsonl(unit: InputUnit, text_field: str, id_field: str) -> Iterator[Record]:
     from kiln.paths import open_path
 
-    with open_path(unit.path, "rt", encoding="utf-8", errors="surrogateescape") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                yield Record(unit.path, line_no, None, None, "empty line", line)
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                yield Record(unit.path, line_no, None, None, f"invalid JSON: {exc}", line)
-                continue
-            if not isinstance(obj, dict):
-                yield Record(unit.path, line_no, None, None, "not a JSON object", line)
-                continue
-            text = obj.get(text_field)
-            doc_id = obj.get(id_field)
-            doc_id = None if doc_id is None else str(doc_id)
-            if not isinstance(text, str):
-                yield Record(unit.path, line_no, doc_id, None,
-                             f"field '{text_field}' missing or not a string", line)
-                continue
-            yield Record(unit.path, line_no, doc_id, text, None, line)
+    line_no = 0
+    try:
+        with open_path(unit.path, "rt", encoding="utf-8", errors="surrogateescape") as f:
+            for line_no, line in enumerate(f, start=1):
+                if line.strip():  # blank lines separate nothing and hold no record
+                    yield _jsonl_record(unit.path, line_no, line, text_field, id_field)
+    except (OSError, EOFError) as exc:  # e.g. a truncated .gz: the rest of the file is lost
+        yield Record(unit.path, line_no + 1, None, None,
+                     f"unreadable from line {line_no + 1}: {type(exc).__name__}: {exc}")
+
+
+def _jsonl_record(path: str, line_no: int, line: str, text_field: str, id_field: str) -> Record:
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        return Record(path, line_no, None, None, f"invalid JSON: {exc}", line)
+    if not isinstance(obj, dict):
+        return Record(path, line_no, None, None, "not a JSON object", line)
+    text = obj.get(text_field)
+    doc_id = None if obj.get(id_field) is None else str(obj.get(id_field))
+    if not isinstance(text, str):
+        return Record(path, line_no, doc_id, None,
+                      f"field '{text_field}' missing or not a string", line)
+    return Record(path, line_no, doc_id, text, None, line)

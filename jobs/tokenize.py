@@ -100,7 +100,7 @@ def main(argv: Sequence[str]) -> int:
     if args.add_bos and tok.bos_id is None:
         raise UsageError(f"--add-bos: tokenizer {args.tokenizer!r} has no BOS token")
     sources = parse_sources(args.input, args.source_tag, args.source_weight)
-    units = plan_units(sources, args.rows_per_unit)
+    units = plan_units(sources, args.rows_per_unit, args.text_field)
     settings = EncodeSettings(text_field=args.text_field, id_field=args.id_field,
                               max_doc_tokens=args.max_doc_tokens, long_docs=args.long_docs,
                               add_bos=args.add_bos, batch_docs=args.batch_docs)

@@ -81,7 +81,7 @@ def train(args: argparse.Namespace, beam_args: Sequence[str]) -> dict:
     from dataprep.token_inputs import parse_sources, plan_units
 
     sources = parse_sources(args.input)
-    units = plan_units(sources, args.rows_per_unit)
+    units = plan_units(sources, args.rows_per_unit, args.text_field)
     spec = TrainSpec(vocab_size=args.vocab_size, model_type=args.model_type,
                      character_coverage=args.character_coverage, num_threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="kiln-tokenizer-") as tmp:

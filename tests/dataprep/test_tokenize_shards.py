@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 
-from dataprep.token_inputs import InputUnit, parse_sources
+from dataprep.token_inputs import InputUnit, parse_sources, plan_units
 from dataprep.token_shards import (
     EncodeSettings,
     PartResult,
@@ -24,7 +24,7 @@ from dataprep.token_shards import (
     write_shard,
 )
 from dataprep.tokenizer import SentencePieceTokenizer, TrainSpec, train_sentencepiece
-from kiln.errors import UsageError
+from kiln.errors import DataError, UsageError
 from schemas.indexed import IndexedReader, check_pair
 from schemas.manifest import ShardEntry
 
@@ -118,7 +118,7 @@ def test_tokenize_unit_counts_every_record_and_dead_letters_bad_ones(tmp_path, s
         "{not json",
         json.dumps({"id": "b", "body": "no text field"}),
         json.dumps({"id": "c", "text": ""}),
-        "",
+        "  ",  # a blank line holds no record
         '{"id": "d", "text": "bad \\ud800 surrogate"}',
         json.dumps({"id": "e", "text": "word " * 300}),  # too long for max 64
         json.dumps({"id": "f", "text": "The end."}),
@@ -129,12 +129,11 @@ def test_tokenize_unit_counts_every_record_and_dead_letters_bad_ones(tmp_path, s
     for policy, docs, too_long in (("drop", 2, 1), ("split", 3, 0)):
         settings = EncodeSettings(max_doc_tokens=64, long_docs=policy, batch_docs=3)
         res, dead = tokenize_unit(unit, small_tok, settings, str(tmp_path / policy))
-        assert (res.records, res.read_errors, res.empty, res.encode_errors) == (8, 3, 1, 1)
+        assert (res.records, res.read_errors, res.empty, res.encode_errors) == (7, 2, 1, 1)
         assert (res.documents, res.too_long) == (docs, too_long)
         assert res.records == res.read_errors + res.empty + res.encode_errors + res.documents \
             + res.too_long
-        assert [(d.offset, d.stage) for d in dead] == [(2, "read"), (3, "read"), (5, "read"),
-                                                      (6, "tokenize")]
+        assert [(d.offset, d.stage) for d in dead] == [(2, "read"), (3, "read"), (6, "tokenize")]
         assert "encode failed" in dead[-1].reason and "ud800" in dead[-1].record
         reader = IndexedReader(res.prefix)
         seqs = [reader[i].tolist() for i in range(len(reader))]
@@ -175,3 +174,24 @@ def test_sources_parse_tags_and_weights_into_a_megatron_blend(tmp_path):
     assert default.extra["blend"] == [] and default.tokens == 0
     with pytest.raises(UsageError):
         token_manifest([sources[0], tagged[1]], parts, shards, tok, EncodeSettings(), 1000)
+
+
+def test_damaged_inputs_are_dead_lettered_or_refused_before_the_pipeline(tmp_path, small_tok):
+    import gzip as gz
+
+    data = gz.compress("".join(json.dumps({"text": f"line {i} " * 20}) + "\n"
+                               for i in range(400)).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[:len(data) // 2])  # truncated stream
+    res, dead = tokenize_unit(InputUnit("s", str(tmp_path / "cut.jsonl.gz"), 0), small_tok,
+                              EncodeSettings(), str(tmp_path / "parts"))
+    assert res.read_errors == 1 and res.documents == res.records - 1 > 0
+    assert dead[-1].reason.startswith(f"unreadable from line {res.records}")
+    (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="fake.parquet: unreadable Parquet"):
+        plan_units(parse_sources([str(tmp_path / "fake.parquet")]), 100)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nobody.parquet")
+    with pytest.raises(DataError, match="field 'text'"):
+        plan_units(parse_sources([str(tmp_path / "nobody.parquet")]), 100)
