@@ -10,9 +10,11 @@
   the same number of workers as the megatron job (start-up included).
 
 Each of raw, megatron and our core runs `--rounds` times, interleaved, and keeps its best time
-(the machines this runs on are shared). Per-core figures divide by the cores a run uses (1 for raw and our core; `--workers` for the
-megatron job and our pipeline). Last line: JSON with the figures, `ratio` (ours / megatron) and
-`ratio_vs_raw` (ours / raw).
+(the machines this runs on are shared). Per core: tokens / (wall seconds x cores a run uses: 1 for
+raw and our core, `--workers` for the megatron job and our pipeline), and, less distorted by
+other load, tokens per CPU-second (this process plus the children it reaped; idle waits of the
+megatron parent are not counted, which favours megatron). Last line: JSON with the figures,
+`ratio` (ours / megatron), `ratio_vs_raw` (ours / raw) and their CPU-second counterparts.
 
     python bench/tokenize.py [--workers 2] [--vocab-size 8000] [--rounds 3] [--tokenizer DIR]
 """
@@ -25,6 +27,7 @@ import html.parser
 import json
 import multiprocessing
 import os
+import resource
 import sys
 import tarfile
 import tempfile
@@ -99,10 +102,9 @@ class MegatronEncoder:
         return ids, lens, len(json_line)
 
 
-def run_megatron(jsonl: str, model_path: str, out_prefix: str, workers: int) -> tuple[int, float]:
+def run_megatron(jsonl: str, model_path: str, out_prefix: str, workers: int) -> int:
     from megatron.core.datasets import indexed_dataset
 
-    start = time.perf_counter()
     encoder = MegatronEncoder(model_path)
     encoder.initializer()
     vocab = MegatronEncoder.tokenizer.vocab_size
@@ -119,36 +121,45 @@ def run_megatron(jsonl: str, model_path: str, out_prefix: str, workers: int) -> 
         builder.finalize(f"{out_prefix}.idx")
         pool.close()
         pool.join()
-    return tokens, time.perf_counter() - start
+    return tokens
 
 
-def run_raw(texts: list[str], tok) -> tuple[int, float]:
-    start = time.perf_counter()
+def run_raw(texts: list[str], tok) -> int:
     ids = tok.sp.encode(texts, num_threads=1)
-    return sum(map(len, ids)) + len(ids), time.perf_counter() - start  # + one EOS per doc
+    return sum(map(len, ids)) + len(ids)  # + one EOS per doc
 
 
-def run_ours_core(files: list[str], tok, out: str) -> tuple[int, float]:
+def run_ours_core(files: list[str], tok, out: str) -> int:
     from dataprep.token_inputs import parse_sources, plan_units
     from dataprep.token_shards import EncodeSettings, plan_shards, tokenize_unit, write_shard
 
-    start = time.perf_counter()
     units = plan_units(parse_sources([f"bench={os.path.dirname(files[0])}"]), 16384)
     parts = [tokenize_unit(u, tok, EncodeSettings(), os.path.join(out, "_parts"))[0]
              for u in units]
     shards = [write_shard(t, out) for t in plan_shards(parts, 1 << 27)]
-    return sum(s.tokens for s in shards if s), time.perf_counter() - start
+    return sum(s.tokens for s in shards if s)
 
 
-def run_ours_pipeline(in_dir: str, tok_dir: str, out: str, workers: int) -> tuple[int, float]:
+def run_ours_pipeline(in_dir: str, tok_dir: str, out: str, workers: int) -> int:
     from jobs import tokenize as tokenize_job
     from schemas.manifest import read_manifest
 
-    start = time.perf_counter()
     tokenize_job.main(["--input", f"bench={in_dir}", "--tokenizer", tok_dir, "--out", out,
                        "--runner=DirectRunner", "--direct_running_mode=multi_processing",
                        f"--direct_num_workers={workers}"])
-    return read_manifest(out).tokens, time.perf_counter() - start
+    return read_manifest(out).tokens
+
+
+def timed(run) -> tuple[int, float, float]:
+    """(tokens, wall seconds, CPU seconds of this process and of the children it reaped)."""
+    def cpu() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+            resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    wall, used = time.perf_counter(), cpu()
+    tokens = run()
+    return tokens, time.perf_counter() - wall, cpu() - used
 
 
 def main() -> None:
@@ -197,39 +208,45 @@ def main() -> None:
                                                os.path.join(tmp, f"megatron{r}"), args.workers),
             "core": lambda r: run_ours_core(files, tok, os.path.join(tmp, f"core{r}")),
         }
-        best: dict[str, tuple[int, float]] = {}
+        best: dict[str, tuple[int, float, float]] = {}
         for r in range(args.rounds):
             for name, run in runs.items():
-                result = run(r)
+                result = timed(lambda run=run, r=r: run(r))
                 if name not in best or result[1] < best[name][1]:
                     best[name] = result
-        (raw_tokens, raw_s), (meg_tokens, meg_s), (core_tokens, core_s) = \
-            best["raw"], best["megatron"], best["core"]
-        pipe_tokens, pipe_s = run_ours_pipeline(in_dir, tok_dir, os.path.join(tmp, "pipe"),
-                                                args.workers)
-    assert raw_tokens == meg_tokens == core_tokens == pipe_tokens, \
-        (raw_tokens, meg_tokens, core_tokens, pipe_tokens)
-    raw = raw_tokens / raw_s
-    meg = meg_tokens / meg_s / args.workers
-    ours = core_tokens / core_s
-    pipe = pipe_tokens / pipe_s / args.workers
-    print(f"{len(docs):,} documents, {raw_tokens:,} tokens, vocab {tok.vocab_size}, "
-          f"{os.cpu_count()} CPUs")
-    print(f"raw sentencepiece batch, 1 process:      {raw_s:7.2f} s  {raw:12,.0f} tok/s/core")
-    print(f"megatron preprocess_data, {args.workers} workers:  {meg_s:7.2f} s  "
-          f"{meg:12,.0f} tok/s/core")
-    print(f"kiln tokenize core, 1 process:           {core_s:7.2f} s  {ours:12,.0f} tok/s/core")
-    print(f"kiln tokenize DirectRunner, {args.workers} workers: {pipe_s:7.2f} s  "
-          f"{pipe:12,.0f} tok/s/core (start-up included)")
+        best["pipeline"] = timed(lambda: run_ours_pipeline(
+            in_dir, tok_dir, os.path.join(tmp, "pipe"), args.workers))
+    tokens = {name: b[0] for name, b in best.items()}
+    assert len(set(tokens.values())) == 1, tokens
+    cores = {"raw": 1, "megatron": args.workers, "core": 1, "pipeline": args.workers}
+    # per core, by wall time x cores used, and by CPU seconds (less distorted by other load)
+    wall = {n: b[0] / b[1] / cores[n] for n, b in best.items()}
+    cpu = {n: b[0] / b[2] for n, b in best.items() if n != "pipeline"}
+    labels = {"raw": "raw sentencepiece batch, 1 process",
+              "megatron": f"megatron preprocess_data, {args.workers} workers",
+              "core": "kiln tokenize core, 1 process",
+              "pipeline": f"kiln tokenize DirectRunner, {args.workers} workers, with start-up"}
+    print(f"{len(docs):,} documents, {tokens['raw']:,} tokens, vocab {tok.vocab_size}, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    for n, b in best.items():
+        per_cpu = f"{cpu[n]:12,.0f} tok/CPU-s" if n in cpu else ""
+        print(f"{labels[n]:<58} {b[1]:7.2f} s  {wall[n]:12,.0f} tok/s/core  {per_cpu}")
     print(json.dumps({
-        "documents": len(docs), "tokens": raw_tokens, "workers": args.workers,
-        "raw_tokens_per_s_per_core": round(raw), "megatron_tokens_per_s_per_core": round(meg),
-        "ours_tokens_per_s_per_core": round(ours),
-        "ours_pipeline_tokens_per_s_per_core": round(pipe),
-        "ratio": round(ours / meg, 3), "ratio_vs_raw": round(ours / raw, 3),
-        "pipeline_ratio": round(pipe / meg, 3), "goal": 1.5, "goal_vs_raw": 0.8,
+        "documents": len(docs), "tokens": tokens["raw"], "workers": args.workers,
+        "raw_tokens_per_s_per_core": round(wall["raw"]),
+        "megatron_tokens_per_s_per_core": round(wall["megatron"]),
+        "ours_tokens_per_s_per_core": round(wall["core"]),
+        "ours_pipeline_tokens_per_s_per_core": round(wall["pipeline"]),
+        "raw_tokens_per_cpu_s": round(cpu["raw"]),
+        "megatron_tokens_per_cpu_s": round(cpu["megatron"]),
+        "ours_tokens_per_cpu_s": round(cpu["core"]),
+        "ratio": round(wall["core"] / wall["megatron"], 3),
+        "ratio_vs_raw": round(wall["core"] / wall["raw"], 3),
+        "cpu_ratio": round(cpu["core"] / cpu["megatron"], 3),
+        "cpu_ratio_vs_raw": round(cpu["core"] / cpu["raw"], 3),
+        "pipeline_ratio": round(wall["pipeline"] / wall["megatron"], 3),
+        "goal": 1.5, "goal_vs_raw": 0.8,
     }))
-
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataprep.token_inputs import InputUnit, Record, read_unit
+from dataprep.token_inputs import InputUnit, Record, Source, read_unit
 from kiln.errors import UsageError
 from schemas.deadletter import DeadLetter, dead_letter
 from schemas.indexed import index_bytes, read_index, token_dtype
@@ -256,7 +256,7 @@ def write_shard(task: ShardTask, out_dir: str) -> ShardEntry | None:
                                source=task.source)
 
 
-def token_manifest(sources: Sequence, parts: Sequence[PartResult], shards: Sequence[ShardEntry],
+def token_manifest(sources: Sequence[Source], parts: Sequence[PartResult], shards: Sequence[ShardEntry],
                    tokenizer: dict, settings: EncodeSettings, shard_tokens: int) -> Manifest:
     """The `megatron_indexed` manifest: shards in (source, index) order, the ledger, per-source
     totals and weights, and `extra.blend` (see `blend_list`)."""
@@ -268,7 +268,9 @@ def token_manifest(sources: Sequence, parts: Sequence[PartResult], shards: Seque
                  filtered={"empty": sum(p.empty for p in parts),
                            "too_long": sum(p.too_long for p in parts)},
                  error=sum(p.encode_errors for p in parts))
-    shards = sorted(shards, key=lambda s: (s.source or "", s.path))
+    order = {src.name: i for i, src in enumerate(sources)}
+    shards = sorted(shards, key=lambda s: (order[s.source],
+                                           int(s.path.removesuffix(".bin").rsplit("-", 1)[1])))
     total = sum(s.tokens for s in shards)
     explicit = [s.weight for s in sources if s.weight is not None]
     if explicit and len(explicit) != len(sources):
