@@ -127,14 +127,15 @@ class SequenceWriter:
 
 def document_sequences(ids: list[int], eos_id: int, bos_id: int | None,
                        settings: EncodeSettings) -> list[list[int]] | None:
-    """The sequences one document becomes; None when it is too long and long docs are dropped."""
-    seq = ([bos_id] if bos_id is not None else []) + ids + [eos_id]
+    """The sequences one document becomes; None when it is too long and long docs are dropped.
+    `ids` (fresh from the encoder) is extended in place: no copy on the common path."""
+    body = ids if bos_id is None else [bos_id, *ids]
     n = settings.max_doc_tokens
-    if n is None or len(seq) <= n:
-        return [seq]
+    if n is None or len(body) < n:
+        body.append(eos_id)
+        return [body]
     if settings.long_docs == "drop":
         return None
-    body = seq[:-1]
     return [body[i:i + n - 1] + [eos_id] for i in range(0, len(body), n - 1)]
 
 

@@ -35,16 +35,18 @@ EOS, BOS = 3, 2
 def test_long_documents_split_into_eos_terminated_chunks_or_drop():
     ids = list(range(10, 23))  # 13 ids -> 14 tokens with EOS
     split = EncodeSettings(max_doc_tokens=5)
-    chunks = document_sequences(ids, EOS, None, split)
+    chunks = document_sequences(list(ids), EOS, None, split)
     assert all(len(c) <= 5 and c[-1] == EOS for c in chunks)
     assert [t for c in chunks for t in c[:-1]] == ids  # nothing lost, nothing repeated
     assert len(chunks) == 4
-    with_bos = document_sequences(ids, EOS, BOS, split)
+    with_bos = document_sequences(list(ids), EOS, BOS, split)
     assert with_bos[0][0] == BOS and [t for c in with_bos for t in c[:-1]] == [BOS, *ids]
-    assert document_sequences(ids, EOS, None, EncodeSettings(max_doc_tokens=5,
-                                                             long_docs="drop")) is None
-    assert document_sequences(ids, EOS, None, EncodeSettings(max_doc_tokens=14)) == [ids + [EOS]]
-    assert document_sequences(ids, EOS, None, EncodeSettings()) == [ids + [EOS]]
+    drop = EncodeSettings(max_doc_tokens=5, long_docs="drop")
+    assert document_sequences(list(ids), EOS, None, drop) is None
+    fits = EncodeSettings(max_doc_tokens=14)
+    assert document_sequences(list(ids), EOS, None, fits) == [ids + [EOS]]
+    assert len(document_sequences(list(ids), EOS, None, EncodeSettings(max_doc_tokens=13))) == 2
+    assert document_sequences(list(ids), EOS, None, EncodeSettings()) == [ids + [EOS]]
 
 
 def test_sequence_writer_is_byte_identical_to_megatron_builder(tmp_path):
