@@ -91,6 +91,8 @@ def parse_sources(inputs: Sequence[str], tags: Sequence[str] | None = None,
             raise UsageError(f"--source-weight {w!r}: unknown source or negative weight")
         i = names.index(name)
         sources[i] = Source(name, sources[i].spec, sources[i].files, weight)
+    if weights and any(s.weight is None for s in sources):
+        raise UsageError("--source-weight: give a weight for every source or for none")
     return sources
 
 

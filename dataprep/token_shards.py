@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from dataprep.token_inputs import InputUnit, Record, Source, read_unit
-from kiln.errors import UsageError
 from schemas.deadletter import DeadLetter, dead_letter
 from schemas.indexed import index_bytes, read_index, token_dtype
 from schemas.manifest import Ledger, Manifest, ShardEntry
@@ -273,9 +272,7 @@ def token_manifest(sources: Sequence[Source], parts: Sequence[PartResult], shard
     shards = sorted(shards, key=lambda s: (order[s.source],
                                            int(s.path.removesuffix(".bin").rsplit("-", 1)[1])))
     total = sum(s.tokens for s in shards)
-    explicit = [s.weight for s in sources if s.weight is not None]
-    if explicit and len(explicit) != len(sources):
-        raise UsageError("--source-weight: give a weight for every source or for none")
+    explicit = all(s.weight is not None for s in sources)  # parse_sources: all or none
     per_source: dict[str, dict] = {}
     for src in sources:
         mine_parts = [p for p in parts if p.source == src.name]

@@ -174,8 +174,8 @@ def test_sources_parse_tags_and_weights_into_a_megatron_blend(tmp_path):
     default = token_manifest(tagged[:1] + parse_sources([str(tmp_path / "b")]), [], [], tok,
                              EncodeSettings(), 1000)
     assert default.extra["blend"] == [] and default.tokens == 0
-    with pytest.raises(UsageError):
-        token_manifest([sources[0], tagged[1]], parts, shards, tok, EncodeSettings(), 1000)
+    with pytest.raises(UsageError, match="every source or for none"):
+        parse_sources([f"web={tmp_path / 'a'}", str(tmp_path / "b")], weights=["web=3"])
 
 
 def test_damaged_inputs_are_dead_lettered_or_refused_before_the_pipeline(tmp_path, small_tok):
