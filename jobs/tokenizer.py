@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -35,7 +34,7 @@ from dataprep.tokenizer import (
 from kiln.cli import entry
 from kiln.errors import DataError, UsageError
 from kiln.log import get_logger
-from kiln.paths import atomic_dir, exists, join, read_bytes, write_text
+from kiln.paths import atomic_dir, exists, join, read_bytes, write_bytes, write_text
 
 log = get_logger(__name__)
 INFO_FILE = "tokenizer_info.json"
@@ -164,7 +163,7 @@ def adopt(src: str, out_dir: str) -> dict:
             save_tokenizer_dir(out, tok)
         else:
             for name in files:
-                shutil.copyfile(join(src, name), join(out, name))
+                write_bytes(join(out, name), read_bytes(join(src, name)))
             write_text(join(out, FINGERPRINT_FILE), tok.fingerprint + "\n")
         write_text(join(out, INFO_FILE), json.dumps(info, indent=2) + "\n")
     return info
