@@ -4,7 +4,7 @@ Byte-level (UTF-8 bytes 0-255, end-of-document 256) keeps the sample independent
 tokenizer, so the tiny config runs from a fresh clone. Written with the project's contract writers
 (`schemas.indexed`, `schemas.manifest`), byte-identical to megatron's `IndexedDatasetBuilder`.
 
-    python trainer/configs/data/make_sample_shards.py /path/to/hh-rlhf-harmless-base-test.jsonl.gz
+    python trainer/configs/data/make_sample_shards.py  # reads jobs/sample_data/ (in the repo)
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from schemas.shards import sha256_file
 EOD = 256
 VOCAB_SIZE = 257
 HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLE = os.path.join(HERE, "..", "..", "..", "jobs", "sample_data",
+                      "hh-rlhf-harmless-base-test.jsonl.gz")
 
 
 def documents(source: str, limit: int) -> list[str]:
@@ -42,7 +44,8 @@ def write_shard(prefix: str, docs: list[str]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="hh-rlhf-harmless-base-test.jsonl.gz")
+    parser.add_argument("source", nargs="?", default=os.path.normpath(SAMPLE),
+                        help="hh-rlhf-harmless-base-test.jsonl.gz (default: the repo's sample)")
     parser.add_argument("--out", default=os.path.join(HERE, "sample-pretrain"))
     parser.add_argument("--documents", type=int, default=600)
     parser.add_argument("--shards", type=int, default=2)
