@@ -25,6 +25,7 @@ def test_config_errors_surface_before_launch() -> None:
         run(TINY, ["train.stepz=1"])
 
 
+@pytest.mark.slow
 def test_run_returns_the_run_directory(tmp_path: Path) -> None:
     run_dir = run(TINY, ["train.steps=2", "train.log_every=1", "checkpoint.save=false",
                          f"run_dir={tmp_path / 'run'}"])

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.trainer.conftest import ROOT, TINY, child_env, metrics
 from trainer.main import parse_args
 
@@ -35,6 +37,7 @@ def test_impossible_layout_exits_2(tmp_path: Path) -> None:
     assert "config key 'parallel.tp'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_diverging_run_skips_bad_steps_then_stops_naming_the_step(tmp_path: Path) -> None:
     """An absurd learning rate blows the weights up: NaN steps are skipped, then the run stops."""
     proc = run_main("--set", "optimizer.lr=1e30", "optimizer.min_lr=1e30", "schedule.warmup_steps=0",
