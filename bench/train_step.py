@@ -21,7 +21,11 @@ import sys
 import tempfile
 import time
 
-import torch
+# `python bench/train_step.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow
+# the standard library's `tokenize` (which torch imports): look modules up from the root instead.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(__file__)]
+
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = dict(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4,
