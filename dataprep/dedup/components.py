@@ -14,9 +14,9 @@ star around its minimum, after which both steps are the identity. m(u) is a lift
 (min)` and is joined back to the edges with `AttachValue`, so a hub with thousands of neighbours
 is never grouped on one worker. The paper bounds the alternation by O(log^2 n) rounds and observes
 O(log n) in practice; a Beam graph is static, so `max_rounds` rounds are unrolled (extra rounds on a
-converged graph are no-ops). After every round a lifted per-node combiner counts the nodes still
-violating the star shape (metric `cc_round_<i>_unconverged`); if any remain after the last round the
-pipeline fails with an error naming `max_cc_rounds` rather than emitting wrong components.
+converged graph are no-ops). After the last round a lifted per-node combiner counts the nodes still
+violating the star shape (metric `cc_unconverged_nodes`); if any remain the pipeline fails with an
+error naming `max_cc_rounds` rather than emitting wrong components.
 """
 
 from __future__ import annotations
@@ -26,17 +26,16 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from dataprep.dedup.joins import METRICS_NAMESPACE, AttachValue
+from dataprep.dedup.joins import (
+    METRICS_NAMESPACE,
+    AttachValue,
+    CountAndMin,
+    split_count_and_min,
+)
 
 
 def _ordered(a: Any, b: Any) -> tuple[Any, Any]:
     return (a, b) if a < b else (b, a)
-
-
-def _both_ways(edge: tuple[Any, Any]):
-    a, b = edge
-    yield a, b
-    yield b, a
 
 
 class _LargeStar(beam.PTransform):
@@ -45,15 +44,20 @@ class _LargeStar(beam.PTransform):
         self._threshold = hot_key_threshold
 
     def expand(self, edges: beam.PCollection) -> beam.PCollection:
-        neighbour_min = (edges
-                         | "BothWays" >> beam.FlatMap(_both_ways)
-                         | "NeighbourMin" >> beam.CombinePerKey(min)
-                         | "WithSelf" >> beam.MapTuple(lambda u, m: (u, min(u, m))))
+        def seen_from_both_ends(edge: tuple[Any, Any]):
+            a, b = edge
+            yield a, (True, a)  # the edge is an item of a (b > a), and a is in Γ+(a)
+            yield a, (False, b)
+            yield b, (False, a)
+
+        stats = (edges
+                 | "BothEnds" >> beam.FlatMap(seen_from_both_ends)
+                 | "CountAndMin" >> beam.CombinePerKey(CountAndMin()))
+        counts, mins = split_count_and_min(stats, "Stats")
+        # duplicates left here are removed after the small-star that follows
         return (edges
-                | "BySmaller" >> beam.MapTuple(lambda a, b: (a, b))
-                | "AttachMin" >> AttachValue(neighbour_min, self._threshold)
-                | "Hang" >> beam.MapTuple(lambda a, b, m: (m, b))
-                | "Distinct" >> beam.Distinct())
+                | "AttachMin" >> AttachValue(mins, self._threshold, counts)
+                | "Hang" >> beam.MapTuple(lambda a, b, m: (m, b)))
 
 
 class _SmallStar(beam.PTransform):
@@ -63,7 +67,10 @@ class _SmallStar(beam.PTransform):
 
     def expand(self, edges: beam.PCollection) -> beam.PCollection:
         by_larger = edges | "ByLarger" >> beam.MapTuple(lambda a, b: (b, a))
-        smaller_min = by_larger | "SmallerMin" >> beam.CombinePerKey(min)
+        stats = (by_larger
+                 | "Flag" >> beam.MapTuple(lambda b, a: (b, (True, a)))
+                 | "CountAndMin" >> beam.CombinePerKey(CountAndMin()))
+        counts, mins = split_count_and_min(stats, "Stats")
 
         def hang(b: Any, a: Any, m: Any):
             yield m, b
@@ -71,7 +78,7 @@ class _SmallStar(beam.PTransform):
                 yield m, a
 
         return (by_larger
-                | "AttachMin" >> AttachValue(smaller_min, self._threshold)
+                | "AttachMin" >> AttachValue(mins, self._threshold, counts)
                 | "Hang" >> beam.FlatMapTuple(hang)
                 | "Distinct" >> beam.Distinct())
 
@@ -98,14 +105,13 @@ class _StarViolations(beam.PTransform):
 
 
 class _CheckConverged(beam.DoFn):
-    def __init__(self, round_index: int, max_rounds: int, fail: bool) -> None:
-        self.counter = Metrics.counter(METRICS_NAMESPACE, f"cc_round_{round_index}_unconverged")
+    def __init__(self, max_rounds: int) -> None:
+        self.counter = Metrics.counter(METRICS_NAMESPACE, "cc_unconverged_nodes")
         self.max_rounds = max_rounds
-        self.fail = fail
 
     def process(self, violations: int):
         self.counter.inc(violations)
-        if self.fail and violations:
+        if violations:
             raise RuntimeError(
                 f"connected components did not converge in {self.max_rounds} large-star/small-star "
                 f"rounds ({violations} nodes are not yet in a star); raise max_cc_rounds")
@@ -129,8 +135,7 @@ class ConnectedComponents(beam.PTransform):
             edges = (edges
                      | f"LargeStar{i}" >> _LargeStar(self._threshold)
                      | f"SmallStar{i}" >> _SmallStar(self._threshold))
-            last = i == self._max_rounds
-            _ = (edges
-                 | f"Violations{i}" >> _StarViolations()
-                 | f"Check{i}" >> beam.ParDo(_CheckConverged(i, self._max_rounds, fail=last)))
+        _ = (edges
+             | "Violations" >> _StarViolations()
+             | "Check" >> beam.ParDo(_CheckConverged(self._max_rounds)))
         return edges

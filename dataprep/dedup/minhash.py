@@ -51,7 +51,9 @@ class MinHashConfig:
     # A key (band bucket, star centre, component) with more members than this is joined through a
     # side input instead of a GroupByKey, so no worker ever holds a group larger than this.
     hot_key_threshold: int = 1000
-    max_cc_rounds: int = 8  # large-star + small-star rounds unrolled; unconverged -> job fails
+    # Large-star + small-star rounds unrolled. A path of n near-duplicates (the worst case) needs
+    # about log2(n) rounds, a random tree of 10^5 nodes 8; unconverged after this -> the job fails.
+    max_cc_rounds: int = 10
 
     def __post_init__(self) -> None:
         for name in ("ngram", "num_bands", "rows_per_band", "hot_key_threshold", "max_cc_rounds"):

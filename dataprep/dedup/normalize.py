@@ -25,10 +25,20 @@ STEPS = ("nfkc", "lower", "punctuation", "digits", "whitespace")
 
 _WHITESPACE = re.compile(r"\s+")
 _DIGITS = re.compile(r"\d+")
-# Every code point whose category is punctuation (P*) or symbol (S*), as one character class.
-_PUNCT = re.compile("[" + "".join(
-    re.escape(chr(c)) for c in range(sys.maxunicode + 1)
-    if unicodedata.category(chr(c))[0] in "PS") + "]+")
+
+
+@lru_cache(maxsize=1)
+def _punctuation() -> re.Pattern:
+    """Every code point whose category is punctuation (P*) or symbol (S*), as ranges."""
+    ranges: list[list[int]] = []
+    for c in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(c))[0] in "PS":
+            if ranges and ranges[-1][1] == c - 1:
+                ranges[-1][1] = c
+            else:
+                ranges.append([c, c])
+    return re.compile("[" + "".join(
+        re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "") for a, b in ranges) + "]+")
 
 
 @lru_cache(maxsize=64)
@@ -50,7 +60,7 @@ def normalize_text(text: str, spec: str = "nfkc,lower,whitespace") -> str:
     if "lower" in steps:
         text = text.lower()
     if "punctuation" in steps:
-        text = _PUNCT.sub(" ", text)
+        text = _punctuation().sub(" ", text)
     if "digits" in steps:
         text = _DIGITS.sub("0", text)
     if "whitespace" in steps:

@@ -26,7 +26,13 @@ from dataprep.dedup.decontam import (
     document_ngrams,
 )
 from dataprep.dedup.exact import ExactDedupConfig, exact_key
-from dataprep.dedup.joins import GROUP_SIZE_METRIC, METRICS_NAMESPACE, AttachValue
+from dataprep.dedup.joins import (
+    GROUP_SIZE_METRIC,
+    METRICS_NAMESPACE,
+    AttachValue,
+    CountAndMin,
+    split_count_and_min,
+)
 from dataprep.dedup.records import (
     DECONTAM_STAGE,
     EXACT_STAGE,
@@ -84,12 +90,14 @@ class _MinHashPrepare(beam.DoFn):
         reason = invalid_reason(doc)
         if reason:
             yield TaggedOutput("errors", error_record(doc, MINHASH_STAGE, reason))
-            return
-        yield doc["id"], doc
-        grams = mh.shingles(doc["text"], c.ngram, c.normalization, c.seed)
-        if grams.size == 0:
-            return  # no words: nothing to be similar with; the document is kept
-        node = survivor_rank(doc)
+        else:
+            yield doc["id"], doc
+            grams = mh.shingles(doc["text"], c.ngram, c.normalization, c.seed)
+            if grams.size:  # a text without words has nothing to be similar with: it is kept
+                yield from self._lsh(survivor_rank(doc), grams)
+
+    def _lsh(self, node: tuple, grams: np.ndarray):
+        c = self.config
         sig = mh.minhash_signature(grams, c.num_perm, c.seed)
         yield TaggedOutput("payload", (node, (grams if c.verify else sig).tobytes()))
         for key in mh.band_keys(sig, c.num_bands, c.rows_per_band):
@@ -119,11 +127,10 @@ class _Similarities(beam.DoFn):
     def process(self, element: tuple[Any, dict[str, list]]):
         node, grouped = element
         self.group_size.update(_largest_group(grouped))
-        if not grouped["root"]:
-            return
-        (root,) = grouped["root"]
-        sim = grouped["direct"][0] if grouped["direct"] else grouped["max"][0]
-        yield node[1], duplicate_record(node[1], root[1], MINHASH_STAGE, sim)
+        if grouped["root"]:
+            (root,) = grouped["root"]
+            sim = grouped["direct"][0] if grouped["direct"] else grouped["max"][0]
+            yield node[1], duplicate_record(node[1], root[1], MINHASH_STAGE, sim)
 
 
 class _SplitKept(beam.DoFn):
@@ -167,9 +174,12 @@ class MinHashDedup(beam.PTransform):
 
         prep = docs | "Prepare" >> beam.ParDo(_MinHashPrepare(c)).with_outputs(
             "errors", "payload", "bands", main="docs")
-        bucket_centre = prep.bands | "BucketCentre" >> beam.CombinePerKey(min)
+        bucket_stats = (prep.bands
+                        | "AsItems" >> beam.MapTuple(lambda key, node: (key, (True, node)))
+                        | "BucketStats" >> beam.CombinePerKey(CountAndMin()))
+        bucket_sizes, bucket_centres = split_count_and_min(bucket_stats, "Bucket")
         candidates = (prep.bands
-                      | "AttachCentre" >> AttachValue(bucket_centre, hot)
+                      | "AttachCentre" >> AttachValue(bucket_centres, hot, bucket_sizes)
                       | "StarEdge" >> beam.FlatMapTuple(
                           lambda key, node, centre: [(node, centre)] if node != centre else [])
                       | "DistinctCandidates" >> beam.Distinct())
@@ -222,19 +232,21 @@ class _Decontam(beam.DoFn):
         reason = invalid_reason(doc)
         if reason:
             yield TaggedOutput("errors", error_record(doc, DECONTAM_STAGE, reason))
-            return
+        else:
+            yield from self._match(doc, index)
+
+    def _match(self, doc: dict, index):
         hit = contamination(document_ngrams(doc["text"], self.config), index)
         if hit is None:
             yield doc
-            return
-        self.matched.inc()
-        fraction, ref = hit
-        record = duplicate_record(doc["id"], ref, DECONTAM_STAGE, fraction)
-        if self.config.mode == "drop":
-            yield TaggedOutput("duplicates", record)
         else:
-            yield TaggedOutput("flagged", record)
-            yield {**doc, "flags": [*doc.get("flags", []), DECONTAM_STAGE]}
+            self.matched.inc()
+            record = duplicate_record(doc["id"], hit[1], DECONTAM_STAGE, hit[0])
+            if self.config.mode == "drop":
+                yield TaggedOutput("duplicates", record)
+            else:
+                yield TaggedOutput("flagged", record)
+                yield {**doc, "flags": [*doc.get("flags", []), DECONTAM_STAGE]}
 
 
 class Decontaminate(beam.PTransform):
