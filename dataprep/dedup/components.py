@@ -10,9 +10,10 @@ component is its survivor). Per round, with Γ(u) the neighbours of u and m(u) =
   (m(b), a) and (m(b), b) (self-loops dropped).
 
 Both preserve connectivity and the set of nodes; the graph is converged when every component is a
-star around its minimum, after which both steps are the identity. m(u) is a lifted `CombinePerKey
-(min)` and is joined back to the edges with `AttachValue`, so a hub with thousands of neighbours
-is never grouped on one worker. The paper bounds the alternation by O(log^2 n) rounds and observes
+star around its minimum, after which both steps are the identity. Each step is one
+`StarAggregate`: a lifted combiner computes m(u) and hands back u's items only while there are at
+most `hot_key_threshold` of them; a hub with more is served through a side input, so its
+neighbours are never grouped on one worker. The paper bounds the alternation by O(log^2 n) rounds and observes
 O(log n) in practice; a Beam graph is static, so `max_rounds` rounds are unrolled (extra rounds on a
 converged graph are no-ops). After the last round a lifted per-node combiner counts the nodes still
 violating the star shape (metric `cc_unconverged_nodes`); if any remain the pipeline fails with an
@@ -26,16 +27,27 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from dataprep.dedup.joins import (
-    METRICS_NAMESPACE,
-    AttachValue,
-    CountAndMin,
-    split_count_and_min,
-)
+from dataprep.dedup.joins import METRICS_NAMESPACE, StarAggregate
 
 
 def _ordered(a: Any, b: Any) -> tuple[Any, Any]:
     return (a, b) if a < b else (b, a)
+
+
+def _large_star_inputs(edge: tuple[Any, Any]):
+    a, b = edge
+    yield a, (b, b)  # b is a larger neighbour of a: an item to hang on m(a)
+    yield b, (a, None)  # a counts towards m(b) only
+
+
+def _hang_larger(a: Any, m: Any, b: Any):
+    yield min(a, m), b
+
+
+def _hang_smaller(b: Any, m: Any, a: Any):
+    yield m, b
+    if a != m:
+        yield m, a
 
 
 class _LargeStar(beam.PTransform):
@@ -44,20 +56,10 @@ class _LargeStar(beam.PTransform):
         self._threshold = hot_key_threshold
 
     def expand(self, edges: beam.PCollection) -> beam.PCollection:
-        def seen_from_both_ends(edge: tuple[Any, Any]):
-            a, b = edge
-            yield a, (True, a)  # the edge is an item of a (b > a), and a is in Γ+(a)
-            yield a, (False, b)
-            yield b, (False, a)
-
-        stats = (edges
-                 | "BothEnds" >> beam.FlatMap(seen_from_both_ends)
-                 | "CountAndMin" >> beam.CombinePerKey(CountAndMin()))
-        counts, mins = split_count_and_min(stats, "Stats")
         # duplicates left here are removed after the small-star that follows
         return (edges
-                | "AttachMin" >> AttachValue(mins, self._threshold, counts)
-                | "Hang" >> beam.MapTuple(lambda a, b, m: (m, b)))
+                | "Inputs" >> beam.FlatMap(_large_star_inputs)
+                | "Hang" >> StarAggregate(_hang_larger, self._threshold))
 
 
 class _SmallStar(beam.PTransform):
@@ -66,20 +68,9 @@ class _SmallStar(beam.PTransform):
         self._threshold = hot_key_threshold
 
     def expand(self, edges: beam.PCollection) -> beam.PCollection:
-        by_larger = edges | "ByLarger" >> beam.MapTuple(lambda a, b: (b, a))
-        stats = (by_larger
-                 | "Flag" >> beam.MapTuple(lambda b, a: (b, (True, a)))
-                 | "CountAndMin" >> beam.CombinePerKey(CountAndMin()))
-        counts, mins = split_count_and_min(stats, "Stats")
-
-        def hang(b: Any, a: Any, m: Any):
-            yield m, b
-            if a != m:
-                yield m, a
-
-        return (by_larger
-                | "AttachMin" >> AttachValue(mins, self._threshold, counts)
-                | "Hang" >> beam.FlatMapTuple(hang)
+        return (edges
+                | "Inputs" >> beam.MapTuple(lambda a, b: (b, (a, a)))
+                | "Hang" >> StarAggregate(_hang_smaller, self._threshold)
                 | "Distinct" >> beam.Distinct())
 
 

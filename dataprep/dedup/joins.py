@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import apache_beam as beam
@@ -39,35 +40,86 @@ def _split_hot(item: tuple[Any, Any], hot_keys: dict, hot_values: dict):
         yield item
 
 
-class CountAndMin(beam.CombineFn):
-    """(number of values flagged as items, minimum of all values) over (is_item, value) inputs:
-    the per-key item count `AttachValue` needs and the minimum it attaches, in one lifted combine."""
+class MinWithMembers(beam.CombineFn):
+    """Per key: the minimum of all candidates and the items, kept only while there are at most
+    `limit` of them (then the list is dropped and only the count survives). Inputs are
+    (candidate, item-or-None); output (item count, minimum, items or None)."""
 
-    def create_accumulator(self) -> tuple[int, Any]:
-        return 0, None
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
 
-    def add_input(self, acc: tuple[int, Any], element: tuple[bool, Any]) -> tuple[int, Any]:
-        is_item, value = element
-        count, low = acc
-        return count + is_item, value if low is None or value < low else low
+    def create_accumulator(self) -> tuple[int, Any, list | None]:
+        return 0, None, []
 
-    def merge_accumulators(self, accs) -> tuple[int, Any]:
-        count, low = 0, None
-        for c, v in accs:
+    def add_input(self, acc, element):
+        count, low, items = acc
+        candidate, item = element
+        if low is None or candidate < low:
+            low = candidate
+        if item is not None:
+            count += 1
+            if items is not None:
+                items.append(item)
+                if len(items) > self.limit:
+                    items = None
+        return count, low, items
+
+    def merge_accumulators(self, accs):
+        count, low, items = 0, None, []
+        for c, v, its in accs:
             count += c
             if v is not None and (low is None or v < low):
                 low = v
-        return count, low
+            items = None if items is None or its is None else items + its
+            if items is not None and len(items) > self.limit:
+                items = None
+        return count, low, items
 
-    def extract_output(self, acc: tuple[int, Any]) -> tuple[int, Any]:
+    def extract_output(self, acc):
         return acc
 
 
-def split_count_and_min(stats: beam.PCollection, label: str):
-    """(key, (count, min)) -> the `counts` and `values` collections `AttachValue` takes."""
-    counts = stats | f"{label}Counts" >> beam.MapTuple(lambda k, cm: (k, cm[0]))
-    values = stats | f"{label}Mins" >> beam.MapTuple(lambda k, cm: (k, cm[1]))
-    return counts, values
+class StarAggregate(beam.PTransform):
+    """(key, (candidate, item-or-None)) -> `emit(key, minimum, item)` for every item, where
+    `minimum` is the smallest candidate of the key: the "hang every member on the key's minimum"
+    step of LSH buckets and of large-star/small-star, done by one lifted combiner.
+
+    A key with at most `hot_key_threshold` items gets them back in its accumulator (the combiner
+    never holds more); a hotter key keeps only its count and minimum, which are broadcast as a
+    side input (at most items / threshold such keys) while its items are re-read one by one. The
+    item-list size of every cold key is recorded in the `join_group_size` distribution.
+    """
+
+    def __init__(self, emit: Callable[[Any, Any, Any], Iterable], hot_key_threshold: int) -> None:
+        super().__init__()
+        self._emit = emit
+        self._threshold = hot_key_threshold
+
+    def expand(self, pcoll: beam.PCollection) -> beam.PCollection:
+        emit = self._emit
+        group_size = Metrics.distribution(METRICS_NAMESPACE, GROUP_SIZE_METRIC)
+        hot_counter = Metrics.counter(METRICS_NAMESPACE, HOT_KEYS_METRIC)
+
+        def cold(key: Any, stats: tuple[int, Any, list | None]):
+            count, low, items = stats
+            if items is None:
+                hot_counter.inc()
+                yield beam.pvalue.TaggedOutput("hot", (key, low))
+            else:
+                group_size.update(len(items))
+                for item in items:
+                    yield from emit(key, low, item)
+
+        def hot(element: tuple[Any, tuple[Any, Any]], minimums: dict):
+            key, (_, item) = element
+            if item is not None and key in minimums:
+                yield from emit(key, minimums[key], item)
+
+        stats = (pcoll
+                 | "MinWithMembers" >> beam.CombinePerKey(MinWithMembers(self._threshold))
+                 | "Cold" >> beam.FlatMapTuple(cold).with_outputs("hot", main="emitted"))
+        from_hot = pcoll | "Hot" >> beam.FlatMap(hot, AsDict(stats.hot))
+        return (stats.emitted, from_hot) | "Merge" >> beam.Flatten()
 
 
 class AttachValue(beam.PTransform):
@@ -78,16 +130,13 @@ class AttachValue(beam.PTransform):
     items / threshold of them) are broadcast as a side input and attached element by element; all
     other keys meet their value in a CoGroupByKey whose groups therefore hold at most
     `hot_key_threshold` items. Counting items per key is a lifted combiner (`Count.PerKey`), so
-    no step ever gathers the items of a hot key on one worker. A caller that already has the
-    per-key item counts (from the combiner that made `values`) passes them as `counts`.
+    no step ever gathers the items of a hot key on one worker.
     """
 
-    def __init__(self, values: beam.PCollection, hot_key_threshold: int,
-                 counts: beam.PCollection | None = None) -> None:
+    def __init__(self, values: beam.PCollection, hot_key_threshold: int) -> None:
         super().__init__()
         self._values = values
         self._threshold = hot_key_threshold
-        self._counts = counts
 
     def expand(self, items: beam.PCollection) -> beam.PCollection:
         threshold = self._threshold
@@ -99,10 +148,9 @@ class AttachValue(beam.PTransform):
                 return True
             return False
 
-        counts = self._counts
-        if counts is None:
-            counts = items | "CountPerKey" >> beam.combiners.Count.PerKey()
-        hot_keys = counts | "HotKeys" >> beam.Filter(is_hot)
+        hot_keys = (items
+                    | "CountPerKey" >> beam.combiners.Count.PerKey()
+                    | "HotKeys" >> beam.Filter(is_hot))
         hot_values = self._values | "HotValues" >> beam.Filter(
             lambda kv, hot: kv[0] in hot, AsDict(hot_keys))
         split = items | "SplitHot" >> beam.FlatMap(

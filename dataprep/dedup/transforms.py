@@ -30,8 +30,7 @@ from dataprep.dedup.joins import (
     GROUP_SIZE_METRIC,
     METRICS_NAMESPACE,
     AttachValue,
-    CountAndMin,
-    split_count_and_min,
+    StarAggregate,
 )
 from dataprep.dedup.records import (
     DECONTAM_STAGE,
@@ -101,7 +100,13 @@ class _MinHashPrepare(beam.DoFn):
         sig = mh.minhash_signature(grams, c.num_perm, c.seed)
         yield TaggedOutput("payload", (node, (grams if c.verify else sig).tobytes()))
         for key in mh.band_keys(sig, c.num_bands, c.rows_per_band):
-            yield TaggedOutput("bands", (key, node))
+            yield TaggedOutput("bands", (key, (node, node)))
+
+
+def _star_edge(bucket: int, centre: tuple, node: tuple):
+    """A bucket member's candidate edge to the bucket's best-ranked member (none for the centre)."""
+    if node != centre:
+        yield node, centre
 
 
 def _similarity(verify: bool):
@@ -155,9 +160,10 @@ class MinHashDedup(beam.PTransform):
     """Near-duplicate removal: LSH candidates -> verified edges -> connected components -> one
     survivor per component (the component's minimum survivor rank: best quality, then smallest id).
 
-    Every band bucket is a star around its best-ranked member (bucket minimum by a lifted
-    combiner), so a bucket of n documents yields n - 1 candidate edges, never n^2/2, and each edge
-    is verified against the star centre. Both ends' payloads reach an edge through two
+    Every band bucket is a star around its best-ranked member (the bucket minimum, by a lifted
+    combiner in `StarAggregate`), so a bucket of n documents yields n - 1 candidate edges, never
+    n^2/2, and each edge is verified against the star centre. (A member similar to another member
+    but not to the centre gets no edge from that bucket; it has `num_bands` buckets to meet it in.) Both ends' payloads reach an edge through two
     `AttachValue` joins (by member, then by centre), so buckets, centres and components larger than
     `hot_key_threshold` are served by side inputs and no worker groups them.
     """
@@ -174,14 +180,8 @@ class MinHashDedup(beam.PTransform):
 
         prep = docs | "Prepare" >> beam.ParDo(_MinHashPrepare(c)).with_outputs(
             "errors", "payload", "bands", main="docs")
-        bucket_stats = (prep.bands
-                        | "AsItems" >> beam.MapTuple(lambda key, node: (key, (True, node)))
-                        | "BucketStats" >> beam.CombinePerKey(CountAndMin()))
-        bucket_sizes, bucket_centres = split_count_and_min(bucket_stats, "Bucket")
         candidates = (prep.bands
-                      | "AttachCentre" >> AttachValue(bucket_centres, hot, bucket_sizes)
-                      | "StarEdge" >> beam.FlatMapTuple(
-                          lambda key, node, centre: [(node, centre)] if node != centre else [])
+                      | "BucketStars" >> StarAggregate(_star_edge, hot)
                       | "DistinctCandidates" >> beam.Distinct())
 
         def verified_edge(centre: Any, member_payload: tuple, centre_payload: bytes):
