@@ -86,14 +86,19 @@ class StarAggregate(beam.PTransform):
 
     A key with at most `hot_key_threshold` items gets them back in its accumulator (the combiner
     never holds more); a hotter key keeps only its count and minimum, which are broadcast as a
-    side input (at most items / threshold such keys) while its items are re-read one by one. The
-    item-list size of every cold key is recorded in the `join_group_size` distribution.
+    side input (at most items / threshold such keys) while its items are re-read one by one from
+    `rescan`: (keys, item) elements, by default one per input item; a caller whose items sit under
+    many keys (a document in all its band buckets) passes one element per item with all its keys,
+    which is far cheaper to re-read. The item-list size of every cold key is recorded in the
+    `join_group_size` distribution.
     """
 
-    def __init__(self, emit: Callable[[Any, Any, Any], Iterable], hot_key_threshold: int) -> None:
+    def __init__(self, emit: Callable[[Any, Any, Any], Iterable], hot_key_threshold: int,
+                 rescan: beam.PCollection | None = None) -> None:
         super().__init__()
         self._emit = emit
         self._threshold = hot_key_threshold
+        self._rescan = rescan
 
     def expand(self, pcoll: beam.PCollection) -> beam.PCollection:
         emit = self._emit
@@ -110,15 +115,20 @@ class StarAggregate(beam.PTransform):
                 for item in items:
                     yield from emit(key, low, item)
 
-        def hot(element: tuple[Any, tuple[Any, Any]], minimums: dict):
-            key, (_, item) = element
-            if item is not None and key in minimums:
-                yield from emit(key, minimums[key], item)
+        def hot(element: tuple[Iterable, Any], minimums: dict):
+            keys, item = element
+            for key in keys:
+                if key in minimums:
+                    yield from emit(key, minimums[key], item)
 
         stats = (pcoll
                  | "MinWithMembers" >> beam.CombinePerKey(MinWithMembers(self._threshold))
                  | "Cold" >> beam.FlatMapTuple(cold).with_outputs("hot", main="emitted"))
-        from_hot = pcoll | "Hot" >> beam.FlatMap(hot, AsDict(stats.hot))
+        rescan = self._rescan
+        if rescan is None:
+            rescan = pcoll | "Rescan" >> beam.FlatMapTuple(
+                lambda key, ci: [((key,), ci[1])] if ci[1] is not None else [])
+        from_hot = rescan | "Hot" >> beam.FlatMap(hot, AsDict(stats.hot))
         return (stats.emitted, from_hot) | "Merge" >> beam.Flatten()
 
 

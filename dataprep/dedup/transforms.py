@@ -99,7 +99,9 @@ class _MinHashPrepare(beam.DoFn):
         c = self.config
         sig = mh.minhash_signature(grams, c.num_perm, c.seed)
         yield TaggedOutput("payload", (node, (grams if c.verify else sig).tobytes()))
-        for key in mh.band_keys(sig, c.num_bands, c.rows_per_band):
+        keys = mh.band_keys(sig, c.num_bands, c.rows_per_band)
+        yield TaggedOutput("doc_bands", (keys, node))
+        for key in keys:
             yield TaggedOutput("bands", (key, (node, node)))
 
 
@@ -162,10 +164,11 @@ class MinHashDedup(beam.PTransform):
 
     Every band bucket is a star around its best-ranked member (the bucket minimum, by a lifted
     combiner in `StarAggregate`), so a bucket of n documents yields n - 1 candidate edges, never
-    n^2/2, and each edge is verified against the star centre. (A member similar to another member
-    but not to the centre gets no edge from that bucket; it has `num_bands` buckets to meet it in.) Both ends' payloads reach an edge through two
-    `AttachValue` joins (by member, then by centre), so buckets, centres and components larger than
-    `hot_key_threshold` are served by side inputs and no worker groups them.
+    n^2/2, and each edge is verified against the star centre (a member similar to another member
+    but not to the centre gets no edge from that bucket; it has `num_bands` buckets to meet it in).
+    Both ends' payloads reach an edge through two `AttachValue` joins (by member, then by centre).
+    Buckets, centres and component hubs with more than `hot_key_threshold` members are served by
+    side inputs, so no worker ever holds more than that many members of one key.
     """
 
     def __init__(self, config: mh.MinHashConfig) -> None:
@@ -179,9 +182,9 @@ class MinHashDedup(beam.PTransform):
         threshold = c.threshold
 
         prep = docs | "Prepare" >> beam.ParDo(_MinHashPrepare(c)).with_outputs(
-            "errors", "payload", "bands", main="docs")
+            "errors", "payload", "bands", "doc_bands", main="docs")
         candidates = (prep.bands
-                      | "BucketStars" >> StarAggregate(_star_edge, hot)
+                      | "BucketStars" >> StarAggregate(_star_edge, hot, rescan=prep.doc_bands)
                       | "DistinctCandidates" >> beam.Distinct())
 
         def verified_edge(centre: Any, member_payload: tuple, centre_payload: bytes):
