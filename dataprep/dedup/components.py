@@ -13,9 +13,12 @@ Both preserve connectivity and the set of nodes; the graph is converged when eve
 star around its minimum, after which both steps are the identity. Each step is one
 `StarAggregate`: a lifted combiner computes m(u) and hands back u's items only while there are at
 most `hot_key_threshold` of them; a hub with more is served through a side input, so its
-neighbours are never grouped on one worker. The paper bounds the alternation by O(log^2 n) rounds and observes
-O(log n) in practice; a Beam graph is static, so `max_rounds` rounds are unrolled (extra rounds on a
-converged graph are no-ops). After the last round a lifted per-node combiner counts the nodes still
+neighbours are never grouped on one worker.
+
+The paper bounds the alternation by O(log^2 n) rounds and observes O(log n) in practice (measured
+here: a path of n nodes in random order needs 5 rounds at n = 64, 9 at 1,000, 13-14 at 100,000; a
+random tree of 100,000 nodes 7-8; LSH star graphs of near-duplicates 1-2). A Beam graph is
+static, so `max_rounds` rounds are unrolled (extra rounds on a converged graph are no-ops). After the last round a lifted per-node combiner counts the nodes still
 violating the star shape (metric `cc_unconverged_nodes`); if any remain the pipeline fails with an
 error naming `max_cc_rounds` rather than emitting wrong components.
 """
