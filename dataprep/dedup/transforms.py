@@ -41,6 +41,9 @@ from dataprep.dedup.records import (
     invalid_reason,
     survivor_rank,
 )
+from kiln.log import get_logger
+
+log = get_logger(__name__)
 
 
 class ExactDedup(beam.PTransform):
@@ -177,6 +180,11 @@ class MinHashDedup(beam.PTransform):
 
     def expand(self, docs: beam.PCollection) -> dict[str, beam.PCollection]:
         c = self.config
+        caught = mh.candidate_probability(c.threshold, c.num_bands, c.rows_per_band)
+        if caught < 0.95:
+            log.warning("LSH %d x %d finds only %.1f%% of pairs at the threshold %.2f; raise "
+                        "num_bands or lower rows_per_band (see dataprep.dedup.minhash)",
+                        c.num_bands, c.rows_per_band, 100 * caught, c.threshold)
         hot = c.hot_key_threshold
         sim = _similarity(c.verify)
         threshold = c.threshold

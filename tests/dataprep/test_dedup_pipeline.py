@@ -3,6 +3,7 @@ decontamination, connected components, determinism across workers, and a 10,000-
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -140,13 +141,16 @@ GRAPH = [(a, b) for a, b in GRAPH if a != b]
 def build_main(p, eval_path: str) -> dict:
     corpus = p | "Corpus" >> beam.Create(PLANTED + CHAIN)
     near = corpus | "MinHash" >> MinHashDedup(MINHASH)
+    estimated = corpus | "Unverified" >> MinHashDedup(
+        dataclasses.replace(MINHASH, verify=False, max_cc_rounds=2))
     exact = p | "ExactDocs" >> beam.Create(EXACT_DOCS) | "Exact" >> ExactDedup(ExactDedupConfig())
     decontam_docs = p | "DecontamDocs" >> beam.Create(DECONTAM_DOCS)
     drop = decontam_docs | "Drop" >> Decontaminate(DecontamConfig([eval_path], mode="drop"))
     flag = decontam_docs | "Flag" >> Decontaminate(DecontamConfig([eval_path], mode="flag"))
     cc = p | "Graph" >> beam.Create(GRAPH) | "CC" >> ConnectedComponents(6, hot_key_threshold=4)
     return {"near_kept": near["kept"], "near_dups": near["duplicates"],
-            "near_errors": near["errors"], "exact_kept": exact["kept"],
+            "near_errors": near["errors"], "estimated_dups": estimated["duplicates"],
+            "exact_kept": exact["kept"],
             "exact_dups": exact["duplicates"], "exact_errors": exact["errors"],
             "drop_kept": drop["kept"], "drop_dups": drop["duplicates"],
             "flag_kept": flag["kept"], "flag_flagged": flag["flagged"],
@@ -193,6 +197,16 @@ def test_planted_near_duplicates_recall_and_precision(main_run) -> None:
     kept_ids = {d["id"] for d in main_run["near_kept"]}
     assert len(kept_ids) + len(main_run["near_dups"]) == len(PLANTED) + len(CHAIN)
     assert not kept_ids & set(survivor) and main_run["near_errors"] == []
+
+
+def test_without_verification_similarity_is_the_signature_estimate(main_run) -> None:
+    verified = {d["id"]: d for d in main_run["near_dups"]}
+    estimated = {d["id"]: d for d in main_run["estimated_dups"] if d["id"].startswith("p")}
+    assert len(estimated.keys() & verified.keys()) >= 0.9 * len(estimated)
+    errors = [abs(d["similarity"] - verified[i]["similarity"]) for i, d in estimated.items()
+              if i in verified and d["duplicate_of"] == verified[i]["duplicate_of"]]
+    assert errors and max(errors) < 0.1 and any(e > 0 for e in errors)  # an estimate, not exact
+    assert all(d["similarity"] >= MINHASH.threshold for d in estimated.values())
 
 
 def test_chain_is_one_component_with_one_survivor(main_run) -> None:
