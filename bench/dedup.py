@@ -186,11 +186,19 @@ def clusters_from(ids: list[str], survivor_of: dict[str, str]) -> list[list[int]
 
 
 def run_ours(docs: list[dict], workdir: str) -> tuple[dict[str, str], float, float]:
-    """Our MinHashDedup on the in-process DirectRunner: (id -> survivor, CPU s, wall s)."""
+    """Our MinHashDedup on the in-process DirectRunner, reading JSON lines as datatrove does:
+    (id -> survivor, CPU s, wall s)."""
+    source = os.path.join(workdir, f"input-{len(docs)}.jsonl")
+    with open(source, "w") as f:
+        for doc in docs:
+            f.write(json.dumps(doc) + "\n")
     out = os.path.join(workdir, "ours")
+    for stale in glob.glob(out + "*"):
+        os.remove(stale)
     cpu, wall = time.process_time(), time.perf_counter()
     with beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"])) as p:
-        result = p | beam.Create(docs) | MinHashDedup(CONFIG)
+        result = (p | beam.io.ReadFromText(source) | beam.Map(json.loads)
+                  | MinHashDedup(CONFIG))
         _ = (result["duplicates"] | beam.Map(json.dumps)
              | beam.io.WriteToText(out, file_name_suffix=".jsonl"))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall

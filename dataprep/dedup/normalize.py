@@ -15,7 +15,6 @@ order they are listed in (so two spellings of one set of steps give one result):
 from __future__ import annotations
 
 import re
-import sys
 import unicodedata
 from functools import lru_cache
 
@@ -29,9 +28,11 @@ _DIGITS = re.compile(r"\d+")
 
 @lru_cache(maxsize=1)
 def _punctuation() -> re.Pattern:
-    """Every code point whose category is punctuation (P*) or symbol (S*), as ranges."""
+    """Every code point whose category is punctuation (P*) or symbol (S*), as ranges. Planes 0-1
+    hold all of them (the last is U+1FBCA in Unicode 14; planes 2-16 are ideographs, tags and
+    private use), and scanning two planes instead of seventeen saves a second per worker."""
     ranges: list[list[int]] = []
-    for c in range(sys.maxunicode + 1):
+    for c in range(0x20000):
         if unicodedata.category(chr(c))[0] in "PS":
             if ranges and ranges[-1][1] == c - 1:
                 ranges[-1][1] = c
