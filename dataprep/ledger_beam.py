@@ -138,12 +138,16 @@ class Stage(beam.PTransform):
 
 def stage_counts(name: str, *, input: PCollection, kept: PCollection,
                  duplicate: PCollection | None = None,
-                 dead_letters: PCollection | None = None) -> PCollection:
+                 dead_letters: PCollection | None = None,
+                 filtered: dict[str, PCollection] | None = None) -> PCollection:
     """Count events for a composite that is not a `Stage` (dedup, a sink): one per element of
-    each PCollection given."""
+    each PCollection given; `filtered` maps a reason to the elements filtered for it."""
     parts = {INPUT: input, KEPT: kept, DUPLICATE: duplicate, ERROR: dead_letters}
     events = [pcoll | f"{name}Count{kind.title()}" >> beam.Map(_event, count_key(name, kind))
               for kind, pcoll in parts.items() if pcoll is not None]
+    events += [pcoll | f"{name}CountFiltered_{reason}"
+               >> beam.Map(_event, count_key(name, FILTERED, reason))
+               for reason, pcoll in (filtered or {}).items()]
     return events | f"{name}Counts" >> beam.Flatten()
 
 

@@ -37,6 +37,7 @@ from kiln.config import from_dict, load_config, to_dict
 from kiln.errors import DataError, UsageError
 from kiln.log import get_logger
 from schemas.contracts import contract
+from schemas.deadletter import DeadLetter, dead_letter
 from schemas.manifest import MANIFEST, Manifest, ShardEntry
 
 log = get_logger(__name__)
@@ -45,6 +46,7 @@ WORK_DIR = "_work"  # counts and shard entries from the workers; removed once th
 DUPLICATES_DIR = "duplicates"
 SHARDS_FILE = "shards.json"
 # --dedup value -> (ledger stage, composite in dataprep.dedup, its config dataclass)
+DECONTAM_STAGE = "decontamination"
 DEDUP_METHODS = {
     "exact": ("exact_dedup", "ExactDedup", "ExactDedupConfig"),
     "minhash": ("minhash_dedup", "MinHashDedup", "MinHashConfig"),
@@ -64,6 +66,8 @@ class CorpusConfig:
     # fields of dataprep.dedup.ExactDedupConfig / MinHashConfig, checked when the stage is built
     exact_dedup: dict[str, Any] = field(default_factory=dict)
     minhash_dedup: dict[str, Any] = field(default_factory=dict)
+    # fields of dataprep.dedup.DecontamConfig; the stage runs when eval_paths is not empty
+    decontamination: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -76,15 +80,29 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="override a config key, e.g. clean.language.min_score=0.8")
     parser.add_argument("--dedup", default="exact,minhash",
                         help="none, exact, minhash or exact,minhash (default)")
+    parser.add_argument("--decontaminate", nargs="+", metavar="FILE", default=[],
+                        help="evaluation sets (JSONL/text): drop (or flag) documents sharing an "
+                             "n-gram with them (decontamination.ngram, default 13)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     return parser.parse_known_args(list(argv))
 
 
-def dedup_stages(methods: str, config: CorpusConfig) -> list[tuple[str, beam.PTransform]]:
-    """(ledger stage, composite) per requested method, built from `dataprep.dedup`."""
+def dedup_stages(methods: str, config: CorpusConfig,
+                 eval_paths: Sequence[str] = ()) -> list[tuple[str, beam.PTransform]]:
+    """(ledger stage, composite) per requested method, built from `dataprep.dedup`; eval-set
+    decontamination first when evaluation files are given."""
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    decontam = dict(config.decontamination)
+    if eval_paths:
+        decontam["eval_paths"] = [*decontam.get("eval_paths", []), *eval_paths]
+    stages: list[tuple[str, beam.PTransform]] = []
+    if decontam.get("eval_paths"):
+        import dataprep.dedup as dedup
+
+        stages.append((DECONTAM_STAGE, dedup.Decontaminate(
+            from_dict(dedup.DecontamConfig, decontam, "decontamination"))))
     if names == ["none"]:
-        return []
+        return stages
     unknown = [m for m in names if m not in DEDUP_METHODS]
     if unknown or not names:
         raise UsageError(f"--dedup: unknown method '{','.join(unknown) or methods}' "
@@ -96,12 +114,20 @@ def dedup_stages(methods: str, config: CorpusConfig) -> list[tuple[str, beam.PTr
             raise
         raise UsageError(f"--dedup {methods}: dataprep.dedup is not installed in this build; "
                          f"run with --dedup none") from None
-    stages = []
     for name in names:
         stage, transform, config_class = DEDUP_METHODS[name]
         stage_config = from_dict(getattr(dedup, config_class), getattr(config, stage), stage)
         stages.append((stage, getattr(dedup, transform)(stage_config)))
     return stages
+
+
+def _dedup_dead_letter(error: dict[str, Any]) -> DeadLetter:
+    """A dedup stage's unusable record (no id, text or quality) as a dead-letter entry."""
+    record = error.get("record") or {}
+    source = record.get("source") if isinstance(record, dict) else None
+    return dead_letter(source or "<dedup input>", None,
+                       f"{error.get('stage')}: {error.get('reason')}", record,
+                       stage=error.get("stage"))
 
 
 def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], out: str,
@@ -112,16 +138,24 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Sequence[str], out: str,
              | "Match" >> fileio.MatchAll() | "Paths" >> beam.Map(lambda m: m.path))
     clean = paths | "Clean" >> CleanDocuments(config.clean)
     docs, counts, duplicates = clean.documents, list(clean.counts), []
+    dead_letters = list(clean.dead_letters)
     for stage, transform in dedup:
         result = docs | stage >> transform
-        counts.append(stage_counts(stage, input=docs, kept=result["kept"],
-                                   duplicate=result["duplicates"]))
+        errors = result["errors"] | f"{stage}DeadLetters" >> beam.Map(_dedup_dead_letter)
+        dead_letters.append(errors)
+        if stage == DECONTAM_STAGE:  # dropped eval overlaps are filtered, not duplicates
+            counts.append(stage_counts(stage, input=docs, kept=result["kept"],
+                                       dead_letters=errors,
+                                       filtered={"decontaminated": result["duplicates"]}))
+        else:
+            counts.append(stage_counts(stage, input=docs, kept=result["kept"],
+                                       duplicate=result["duplicates"], dead_letters=errors))
         duplicates.append(result["duplicates"])
         docs = result["kept"]
     (docs | "Shards" >> WriteDocumentShards(out, config.output.num_shards,
                                             config.output.row_group_rows)
      | "ShardEntries" >> WriteJsonList(FileSystems.join(work, SHARDS_FILE)))
-    clean.dead_letters | "AllDeadLetters" >> beam.Flatten() | WriteDeadLetters(out)
+    dead_letters | "AllDeadLetters" >> beam.Flatten() | WriteDeadLetters(out)
     if duplicates:
         (duplicates | "AllDuplicates" >> beam.Flatten()
          | "WriteDuplicates" >> WriteJsonLines(FileSystems.join(out, DUPLICATES_DIR),
@@ -135,7 +169,7 @@ def main(argv: Sequence[str]) -> int:
     config = load_config(CorpusConfig, args.config, args.set)
     if config.output.num_shards < 1:
         raise UsageError("config key 'output.num_shards': must be at least 1")
-    dedup = dedup_stages(args.dedup, config)
+    dedup = dedup_stages(args.dedup, config, args.decontaminate)
     for pattern in args.input:
         if not FileSystems.match([pattern])[0].metadata_list:
             raise UsageError(f"--input {pattern}: matches no file")

@@ -7,17 +7,12 @@ import hashlib
 import importlib.util
 import json
 import shutil
-import sys
 import tarfile
-import types
-from dataclasses import dataclass
 from pathlib import Path
 
-import apache_beam as beam
 import pyarrow.parquet as pq
 import pytest
 
-import dataprep
 from dataprep.warc import write_html_warc
 from jobs.corpus import CorpusConfig
 from kiln.cli import main as kiln
@@ -151,54 +146,42 @@ def test_two_workers_write_identical_shards(inputs, one_worker, tmp_path, monkey
     assert two.ledger.to_json() == one.ledger.to_json()
 
 
-@dataclass
-class ExactDedupConfig:
-    keep: str = "smallest_id"
-
-
-class ExactDedup(beam.PTransform):
-    """A stand-in with the seam's shape (the real one lives in dataprep.dedup): documents with
-    the same text -> the smallest id kept, the others as duplicates."""
-
-    def __init__(self, config: ExactDedupConfig) -> None:
-        super().__init__()
-
-    def expand(self, docs):
-        def split(item):
-            _, group = item
-            group = sorted(group, key=lambda d: d["id"])
-            yield group[0]
-            for dup in group[1:]:
-                yield beam.pvalue.TaggedOutput("duplicates", {
-                    "id": dup["id"], "duplicate_of": group[0]["id"], "stage": "exact_dedup",
-                    "similarity": 1.0})
-
-        return (docs | beam.Map(lambda d: (hashlib.sha1(d["text"].encode()).hexdigest(), d))
-                | beam.GroupByKey() | beam.FlatMap(split).with_outputs("duplicates", main="kept"))
-
-
 @pytest.mark.slow
-def test_portable_runner_loopback_with_a_dedup_stage(inputs, one_worker, tmp_path, monkeypatch):
-    """The portable (Spark/Flink) path, plus the --dedup seam: stage in the ledger, duplicates/."""
-    seam = types.ModuleType("dataprep.dedup")
-    seam.ExactDedup, seam.ExactDedupConfig = ExactDedup, ExactDedupConfig
-    monkeypatch.setitem(sys.modules, "dataprep.dedup", seam)
-    monkeypatch.setattr(dataprep, "dedup", seam, raising=False)
+def test_portable_runner_with_decontamination_exact_and_minhash_dedup(inputs, one_worker,
+                                                                      tmp_path):
+    """The portable (Spark/Flink) path with the real dedup stages: each is a ledger stage, the
+    copied page is a duplicate of the original, the eval overlap is filtered."""
+    before = {d["id"]: d for d in documents(one_worker)}
+    leaked = next(d for d in before.values() if "bread.example" not in (d["url"] or ""))
+    evals = tmp_path / "eval.jsonl"  # an "eval question" quoting 30 words of one document
+    evals.write_text(json.dumps({"text": " ".join(leaked["text"].split()[:30])}) + "\n")
     out = tmp_path / "portable"
-    assert kiln(["corpus", "--input", f"{inputs}/*", "--out", str(out), "--dedup", "exact",
-                 *STEADY, "--runner=PortableRunner", "--job_endpoint=embed",
-                 "--environment_type=LOOPBACK"]) == 0
+    assert kiln(["corpus", "--input", f"{inputs}/*", "--out", str(out), "--dedup",
+                 "exact,minhash", "--decontaminate", str(evals), "--set",
+                 "decontamination.ngram=8", *STEADY, "--runner=PortableRunner",
+                 "--job_endpoint=embed", "--environment_type=LOOPBACK"]) == 0
     manifest = read_manifest(str(out))
     assert manifest.ledger.check() == []
-    dedup = manifest.ledger.stages[-1]
-    assert (dedup.name, dedup.input, dedup.duplicate) == ("exact_dedup", dedup.kept + 1, 1)
-    duplicates = [json.loads(line) for f in (out / "duplicates").glob("*.jsonl")
-                  for line in f.read_text().splitlines() if line]
-    assert len(duplicates) == 1 and duplicates[0]["stage"] == "exact_dedup"
-    before = {d["id"]: d for d in documents(one_worker)}
+    stages = {s.name: s for s in manifest.ledger.stages}
+    assert [s.name for s in manifest.ledger.stages][-3:] == [
+        "decontamination", "exact_dedup", "minhash_dedup"]
     after = {d["id"]: d for d in documents(out)}
-    assert set(before) - set(after) == {duplicates[0]["id"]}
-    assert before[duplicates[0]["id"]]["text"] == after[duplicates[0]["duplicate_of"]]["text"]
+    assert leaked["id"] not in after
+    decontaminated = stages["decontamination"].filtered.get("decontaminated", 0)
+    assert decontaminated >= 1
+    assert stages["exact_dedup"].duplicate + stages["minhash_dedup"].duplicate >= 1
+    removed = [json.loads(line) for f in (out / "duplicates").glob("*.jsonl")
+               for line in f.read_text().splitlines() if line]
+    assert len(removed) == len(before) - len(after)
+    parent = {r["id"]: r["duplicate_of"] for r in removed if r["stage"] != "decontamination"}
+    for row in removed:
+        assert row["id"] in before and row["id"] not in after
+        if row["stage"] != "decontamination":
+            assert row["similarity"] >= 0.8
+            survivor = row["duplicate_of"]  # a later stage may remove the one it duplicates
+            while survivor in parent:
+                survivor = parent[survivor]
+            assert survivor in after
     assert all(after[i] == before[i] for i in after)
 
 
@@ -216,13 +199,6 @@ def test_unusable_arguments_exit_2(inputs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "matches no file" in err and "clean.language.min_scor" in err and "bloom" in err
     assert "not empty" in err
-
-
-@pytest.mark.skipif(importlib.util.find_spec("dataprep.dedup") is not None,
-                    reason="dataprep.dedup is present: dedup runs instead")
-def test_dedup_without_the_dedup_module_is_a_clear_usage_error(inputs, tmp_path, capsys):
-    assert kiln(["corpus", "--input", f"{inputs}/*", "--out", str(tmp_path / "o")]) == 2
-    assert "--dedup none" in capsys.readouterr().err
 
 
 def test_shipped_config_is_the_defaults():
