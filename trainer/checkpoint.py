@@ -132,8 +132,9 @@ def _prune(root: str, keep: int, current: str) -> None:
 def load_weights(model: list[torch.nn.Module], path: str, new: tuple[str, ...] = ()) -> None:
     """Only the model weights (e.g. `init.checkpoint`, evaluation under another layout).
 
-    Tensors whose key starts with a prefix in `new` and that the checkpoint lacks keep their
-    initialisation (a reward head on a language-model checkpoint); anything else missing fails.
+    Tensors that the checkpoint lacks and whose dotted name has a component starting with one
+    of `new` (`"reward_head."` matches `module.reward_head.weight`) keep their initialisation (a
+    reward head on a language-model checkpoint); anything else missing fails.
     """
     sd = {"model": _model_state(model)}
     fresh: list[set[str]] = [set() for _ in model]
@@ -142,7 +143,7 @@ def load_weights(model: list[torch.nn.Module], path: str, new: tuple[str, ...] =
         for i, chunk_sd in enumerate(sd["model"].values()):
             for name, value in list(chunk_sd.items()):
                 key = getattr(value, "key", "")
-                if key.startswith(new) and key not in stored:
+                if any(f".{p}" in f".{key}" for p in new) and key not in stored:
                     del chunk_sd[name]
                     fresh[i].add(name)
     loaded = dist_checkpointing.load(sd, path)
