@@ -79,6 +79,8 @@ class ParseFiles(beam.DoFn):
             yield event("read", "kept")
             try:
                 fmt = self.fmt if self.fmt != "auto" else detect_format(rec)
+                if fmt == "prompts" and "messages" in rec and "messages" in self.allowed:
+                    fmt = "messages"  # an SFT conversation missing its reply: say exactly that
                 if fmt is None or fmt not in self.allowed:
                     raise RecordError(f"unrecognised record (keys: {', '.join(sorted(rec)[:8])})")
                 if KIND[fmt] != self.kind:
@@ -324,97 +326,3 @@ def build_pipeline(p: beam.Pipeline, job: ChatJob, fingerprint: str) -> None:
                                           "ids" if job.pack else "id")
     _ = tuple(events) | "Events" >> beam.Flatten() | "Ledger" >> WriteLedger(job.out_dir)
     _ = parsed[DEAD] | "DeadLetters" >> WriteDeadLetters(job.out_dir)
-
-
-STAGES = ("read", "parse", "pair", "hygiene", "length", "pack")
-# `pair` (scored completions, all_pairs rule) fans out: its unit is the candidate pair (each
-# kept record offers n(n-1)/2), so its input is not the records `parse` kept. The manifest
-# ledger has no fan-out field yet; `extra.fanout` records the boundary and the check skips it.
-FANOUT_STAGE = "pair"
-
-
-def ledger_from_counts(counts: dict[str, int], stages: Iterable[str]):
-    """(Ledger, notes): each stage's input is the sum of its outcomes, so the manifest check
-    `input == previous kept` compares independent counts."""
-    from schemas.manifest import Ledger
-
-    ledger, notes = Ledger(), {}
-    for stage in stages:
-        kept = error = duplicate = 0
-        filtered: dict[str, int] = {}
-        for key, n in sorted(counts.items()):
-            name, _, outcome = key.partition("/")
-            if name != stage:
-                continue
-            kind, _, reason = outcome.partition(":")
-            if kind == "kept":
-                kept += n
-            elif kind == "error":
-                error += n
-            elif kind == "duplicate":
-                duplicate += n
-            elif kind == "filtered":
-                filtered[reason] = filtered.get(reason, 0) + n
-            elif kind == NOTE:
-                notes[f"{stage}.{reason}"] = n
-        ledger.stage(stage, kept + error + duplicate + sum(filtered.values()), kept, filtered,
-                     duplicate, error)
-    return ledger, notes
-
-
-def run_chat_job(job: ChatJob, beam_args: list[str], tokenizer: Any, config: dict) -> Any:
-    """Run the pipeline into a staging directory, then assemble `manifest.json` from the count
-    files it wrote, check the ledger and move the directory into place."""
-    import shutil
-    from dataclasses import replace
-
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from kiln.errors import DataError
-    from kiln.log import get_logger
-    from kiln.paths import atomic_dir
-    from schemas.contracts import contract
-    from schemas.manifest import Manifest, ShardEntry, write_manifest
-
-    log = get_logger(__name__)
-    with atomic_dir(job.out_dir) as staging:
-        with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-            build_pipeline(p, replace(job, out_dir=staging), tokenizer.fingerprint)
-        work = os.path.join(staging, WORK_DIR)
-        with open(os.path.join(work, COUNTS_FILE), encoding="utf-8") as f:
-            counts = json.load(f)
-        with open(os.path.join(work, SHARDS_FILE), encoding="utf-8") as f:
-            shards = sorted((ShardEntry(**s) for s in json.load(f)), key=lambda s: s.path)
-        shutil.rmtree(work)
-        fanout = job.rule.rule == "all_pairs"
-        stages = [s for s in STAGES if (s != "pack" or job.pack) and (s != FANOUT_STAGE or fanout)]
-        ledger, notes = ledger_from_counts(counts, stages)
-        problems = [p for p in ledger.check()
-                    if not (fanout and p.startswith(f"stage '{FANOUT_STAGE}': input"))]
-        if problems:
-            raise DataError("ledger does not balance: " + "; ".join(problems), path=job.out_dir)
-        name = "sft_packed" if job.pack else job.kind
-        extra: dict[str, Any] = {"config": config, "counts": notes,
-                                 "inputs": list(job.inputs)}
-        if fanout:
-            by_name = {x.name: x for x in ledger.stages}
-            extra["fanout"] = {"stage": FANOUT_STAGE, "records": by_name["parse"].kept,
-                               "candidates": by_name[FANOUT_STAGE].input}
-        if job.pack:
-            rows, tokens = notes.get("pack.rows", 0), notes.get("pack.tokens", 0)
-            extra["packing"] = {"max_seq_len": job.max_seq_len, "rows": rows, "tokens": tokens,
-                                "efficiency": tokens / (rows * job.max_seq_len) if rows else 0.0}
-            log.info("packed %d conversations into %d rows of %d: efficiency %.3f",
-                     ledger.stages[-1].kept, rows, job.max_seq_len, extra["packing"]["efficiency"])
-        manifest = Manifest(
-            schema={"name": name, "version": contract(name).version}, shards=shards,
-            tokenizer={"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                       "path": job.tokenizer_path},
-            ledger=ledger, extra=extra)
-        write_manifest(staging, manifest)
-    for s in ledger.stages:
-        log.info("%-8s input %d kept %d filtered %s duplicate %d error %d", s.name, s.input,
-                 s.kept, s.filtered or "{}", s.duplicate, s.error)
-    log.info("wrote %d %s rows (%d tokens) in %d shards to %s", manifest.rows, name,
-             manifest.tokens, len(shards), job.out_dir)
-    return manifest

@@ -12,8 +12,14 @@ from dataprep.chat.formats import SFT_FORMATS, PairingRule
 from dataprep.chat.hygiene import HygieneConfig
 from dataprep.chat.lengths import LengthPolicy
 from dataprep.chat.template import TemplateOptions
-from dataprep.chat_transforms import ChatJob, run_chat_job
-from jobs.preference import add_common_args, common_overrides, eval_prompts, resolve_inputs
+from dataprep.chat_transforms import ChatJob
+from jobs.preference import (
+    add_common_args,
+    common_overrides,
+    eval_prompts,
+    resolve_inputs,
+    run_chat_job,
+)
 from kiln.cli import entry
 from kiln.config import load_config, to_dict
 from kiln.errors import UsageError

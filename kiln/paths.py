@@ -92,6 +92,9 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
             os.replace(tmp, local)
         except BaseException:
             if os.path.exists(tmp):

@@ -406,9 +406,9 @@ def _parse_prompts(r: dict[str, Any]) -> PromptExample:
         else _prompt(_field(r, "prompt", (str, list)))
     ref = r.get("reference", r.get("answer"))
     if ref is not None and not isinstance(ref, str):
-        ref = json.dumps(ref, ensure_ascii=False) if isinstance(ref, (int, float, list)) else None
-        if ref is None:
-            raise RecordError("field 'reference': expected a string or number")
+        if not _is_number(ref):  # numeric answers (GSM8K-style) are kept as their JSON text
+            raise RecordError(f"field 'reference': expected a string or number, got {ref!r:.40}")
+        ref = json.dumps(ref)
     return PromptExample(prompt, ref)
 
 

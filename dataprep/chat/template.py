@@ -9,10 +9,11 @@ Every content is encoded on its own (so a sentencepiece model gives it its dummy
 `</s>` follows only the final assistant turn: a conversation has exactly one bos and one eos.
 The loss mask is 1 on assistant content, its `<|end|>` and the final `</s>` (all assistant turns,
 or only the last with `loss_on="last"`); role headers, user and system turns are 0. Example with
-the test tokenizer, `[user "Hi", assistant "Hello"]`:
+the tests' 1k BPE tokenizer, `[user "Hi", assistant "Hello"]`:
 
-    ids   2  5  <▁H i>  7  6  <▁H ell o>  7  3
-    mask  0  0   0 0    0  0   1  1   1   1  1
+    piece  <s> <|user|> ▁H   i  <|end|> <|assistant|> ▁H  ell  o  <|end|> </s>
+    id      2     5     369 936    7          6       369 389 933    7     3
+    mask    0     0      0   0     0          0        1   1   1     1     1
 
 Preference rows: `prompt_ids` = rendering up to and including the final `<|assistant|>` header;
 `chosen_ids`/`rejected_ids` = content + `<|end|>` + `</s>`, so prompt + chosen is exactly the
@@ -33,12 +34,14 @@ from dataprep import special_tokens as st
 from dataprep.chat.formats import Message
 from dataprep.tokenizer import SentencePieceTokenizer, Tokenizer
 
+_HEADERS = ", ".join(f"'{role}': '{token}'" for role, token in st.ROLE_TOKENS.items())
 CHAT_TEMPLATE_JINJA = (
     "{{ bos_token }}"
+    f"{{% set headers = {{{_HEADERS}}} %}}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{% if message['role'] not in headers %}"
     "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
-    "{{ '<|' + message['role'] + '|>' }}"
+    "{{ headers[message['role']] }}"
     "{% if message['role'] == 'assistant' %}{% generation %}"
     f"{{{{ message['content'] + '{st.END_OF_TURN}' }}}}"
     "{% if loop.last and not add_generation_prompt %}{{ eos_token }}{% endif %}"
@@ -47,7 +50,6 @@ CHAT_TEMPLATE_JINJA = (
     "{% endfor %}"
     f"{{% if add_generation_prompt %}}{{{{ '{st.ASSISTANT}' }}}}{{% endif %}}"
 )
-assert all(f"<|{r}|>" == st.ROLE_TOKENS[r] for r in st.ROLE_TOKENS)  # the Jinja builds headers
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,6 @@ class ChatTemplate:
         self.eos = [tok.eos_id]
         self.end = tok.control(st.END_OF_TURN)
         self.header = {role: tok.control(token) for role, token in st.ROLE_TOKENS.items()}
-        self._control_ids = frozenset(i for t in st.CHAT_TOKENS for i in tok.control(t)
-                                      if len(tok.control(t)) == 1)
         self._encode = _content_encoder(tok)
 
     def encode_content(self, text: str) -> list[int]:

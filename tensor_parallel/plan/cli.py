@@ -88,7 +88,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--model", required=True,
                         help=f"{', '.join(NAMED_MODELS)} or a trainer YAML config with a model: section")
     parser.add_argument("--gpus", type=int, required=True)
-    parser.add_argument("--gpu-memory-gb", type=float, required=True, help="GiB per GPU")
+    parser.add_argument("--gpu-memory-gb", type=float, required=True, help="memory per GPU in GiB (an 80 GB H100 has 79.6 GiB)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--seq-length", type=int, help="default: the model's seq_length")
     parser.add_argument("--micro-batch-size", type=int, default=1)
@@ -125,7 +125,8 @@ def main(argv: Sequence[str]) -> int:
         title = (f"{model.name}: {count_parameters(model) / 1e9:.2f}B parameters on {args.gpus} x "
                  f"{args.gpu_memory_gb:g} GiB, seq {setup.seq_length}, micro-batch "
                  f"{setup.micro_batch_size}, global batch {setup.global_batch_size}, {setup.dtype}, "
-                 f"{setup.backend} kernels; memory in GiB per GPU (most loaded stage)")
+                 f"{setup.backend} kernels; GiB per GPU on the most loaded stage; fits: peak <= "
+                 f"{args.gpu_memory_gb - args.reserve_gb:g} GiB ({args.reserve_gb:g} reserved)")
         print_table(plans, title, args.top or None)
         if rejected:
             print("invalid layouts skipped: "

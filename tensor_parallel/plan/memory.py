@@ -13,8 +13,11 @@ attention, SwiGLU, RMSNorm, no dropout, untied or tied embeddings, a padded voca
   transpose, and stores GEMM inputs in FP8.
 - Activations are the tensors autograd keeps for backward, per micro-batch and layer, for two
   kernel sets: `te` (Transformer Engine on GPU: flash attention, fused norms and SwiGLU) and `local`
-  (megatron's local spec, used on CPU: unfused attention with an s x s softmax, torch RMSNorm).
+  (megatron's local spec, used on CPU: unfused attention with an s x s softmax, torch RMSNorm,
+  torch's CPU dropout).
   The in-flight micro-batches per stage follow megatron's 1F1B and interleaved schedules.
+- Not modelled: context parallelism, MoE, uneven pipeline splits, allocator fragmentation (the
+  planner keeps a reserve for it and for the CUDA context and communication buffers).
 """
 
 from __future__ import annotations
@@ -100,6 +103,11 @@ class Layout:
     dp: int
     vpp: int | None = None
     sequence_parallel: bool = True
+
+    def __post_init__(self) -> None:
+        if min(self.tp, self.pp, self.dp) < 1 or (self.vpp is not None and self.vpp < 2):
+            raise UsageError(f"layout tp={self.tp} pp={self.pp} dp={self.dp} vpp={self.vpp}: "
+                             "sizes must be positive and vpp, when given, at least 2")
 
     @property
     def gpus(self) -> int:
@@ -239,11 +247,14 @@ def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
         if recompute == "selective":  # checkpointed core-attention inputs; V views the fused QKV
             split += e * sb * (2 * hq + 3 * hkv)
         else:
-            kv = 2 * hq if a > model.num_query_groups else hkv + (hq + 2 * hkv)  # GQA repeats K/V
-            softmax = 4 * a * s * s * b + (e * a * s * s * b if e != 4 else 0)
-            split += e * sb * (hq + kv) + softmax
-            if model.attention_dropout > 0:
-                split += a * s * s * b * (1 + (e if e == 4 else 0))
+            # GQA: the unfused attention repeats K and V to every head. MHA: V stays a view of
+            # the fused QKV output and keeps all of it alive.
+            kv = 2 * hq if a > model.num_query_groups else hkv + (hq + 2 * hkv)
+            scores, dropout = a * s * s * b, model.attention_dropout > 0
+            # The fp32 softmax output is kept, and what feeds P @ V: its 16-bit copy, or the
+            # dropout output plus the dropout mask.
+            probs = 4 * scores + (2 * e * scores if dropout else e * scores if e != 4 else 0)
+            split += e * sb * (hq + kv) + probs
         split += e * sb * hq  # attention output, the input of linear_proj
         glu = 5 * f if model.gated_linear_unit else 2 * f  # fc1 out (2f), silu, x_linear, product
         split += e * sb * glu
@@ -260,8 +271,13 @@ def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
         split += e * sb * glu_in + gemm_in * sb * f
         fixed = 0
     if model.hidden_dropout > 0:
-        replicated += 2 * sb * h  # one-byte masks after attention and MLP
+        replicated += 2 * sb * h * _dropout_mask_bytes(setup)  # after attention and after MLP
     return replicated // shard + split // t + fixed
+
+
+def _dropout_mask_bytes(setup: TrainingSetup) -> int:
+    """CUDA's fused dropout keeps a one-byte mask; on CPU torch keeps one of the input's dtype."""
+    return 1 if setup.backend == "te" else (4 if setup.dtype == "fp32" else 2)
 
 
 def _te_norm_stats(model: ModelShape, sb: int) -> int:
@@ -273,13 +289,13 @@ def _torch_norm_bytes(model: ModelShape, e: int, sb: int) -> int:
     """What a torch norm (megatron's local spec without Apex) keeps, its output included.
 
     RMSNorm is composite: it upcasts to fp32 and keeps that input, the normalised input and
-    1/rms. LayerNorm is one kernel keeping its input, fp32 mean and 1/std. The output is kept
-    by the GEMM it feeds.
+    1/rms. LayerNorm is one kernel keeping its input, mean and 1/std (in the input's dtype on
+    CPU). The output is kept by the GEMM it feeds.
     """
     h = model.hidden_size
     if model.normalization == "RMSNorm":
         return (4 + 4 + e) * sb * h + 4 * sb
-    return 2 * e * sb * h + 8 * sb
+    return 2 * e * sb * h + 2 * e * sb
 
 
 def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, stage: int,
@@ -299,18 +315,19 @@ def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, s
         in_flight_chunks = min(warmup + 1, m * layout.vpp)
     if recompute == "full":
         per_layer = e * s * b * h // shard  # each layer keeps only its input
+        per_chunk = 4 * s * model.head_dim  # and the fp32 RoPE table all of a chunk's layers share
         # During backward one layer at a time is recomputed in full.
         transient = layer_activations(model, layout, setup, "none")
     else:
         per_layer = layer_activations(model, layout, setup, recompute)
-        transient = 0
-    layers = per_layer * layers_per_chunk * in_flight_chunks
+        per_chunk = transient = 0
+    layers = (per_layer * layers_per_chunk + per_chunk) * in_flight_chunks
     in_flight_microbatches = math.ceil(in_flight_chunks / layout.chunks)
     extra = 0
     if stage == 0:
         extra += 8 * s * b  # token ids kept by the embedding lookup
         if model.hidden_dropout > 0:
-            extra += s * b * h // shard
+            extra += s * b * h * _dropout_mask_bytes(setup) // shard
         if setup.backend == "local":
             extra += s * s  # the boolean causal mask handed to every layer
         extra *= in_flight_microbatches

@@ -43,8 +43,8 @@ _RECOMPUTE_SPEED = {"none": 1.0, "selective": 0.97, "full": 0.75}
 def stage_balance(model: ModelShape, layout: Layout, seq_length: int) -> float:
     """Mean over slowest stage work: the last stage also runs the output layer and the loss.
 
-    Work per token is counted as GEMM multiply-adds (parameters) plus causal attention's
-    2 * s * query_size; the embedding lookup is free.
+    Work per token is counted in multiply-adds: one per GEMM parameter, plus s * query_size for
+    causal attention (QK^T and PV over half the sequence on average); the embedding lookup is free.
     """
     layer = layer_parameters(model) + seq_length * model.query_size
     output = model.padded_vocab_size(layout.tp) * model.hidden_size
@@ -53,17 +53,17 @@ def stage_balance(model: ModelShape, layout: Layout, seq_length: int) -> float:
 
 
 def throughput_proxy(model: ModelShape, layout: Layout, setup: TrainingSetup,
-                     recompute: Recompute, gpus_per_node: int) -> float:
+                     recompute: Recompute) -> float:
     """Relative step speed, only for ordering layouts: bubble, stage balance, TP, recompute.
 
     The 1F1B bubble is (pp - 1) / (vpp * m) of the ideal time (Narayanan et al. 2021); a pipeline
-    runs at the pace of its slowest stage; each TP doubling inside a node costs a few percent of
-    all-reduce/all-gather time, and TP across nodes (no NVLink) halves the speed; interleaving adds
-    point-to-point traffic per extra chunk.
+    runs at the pace of its slowest stage; TP stays inside a node (NVLink) and each doubling costs
+    some 4% in all-gather/reduce-scatter time; interleaving adds point-to-point traffic per chunk.
+    Data-parallel gradient reduction is taken as overlapped with the backward pass.
     """
     work = layout.chunks * setup.num_microbatches(layout)
     pipeline = work / (work + layout.pp - 1) * stage_balance(model, layout, setup.seq_length)
-    tp = 0.96 ** math.log2(layout.tp) * (0.5 if layout.tp > gpus_per_node else 1.0)
+    tp = 0.96 ** math.log2(layout.tp)
     interleave = 0.99 ** (layout.chunks - 1)
     return pipeline * tp * interleave * _RECOMPUTE_SPEED[recompute]
 
@@ -107,7 +107,7 @@ def plan_layouts(model: ModelShape, gpus: int, gpu_memory_gb: float, setup: Trai
         dist_opt = layout.dp > 1
         recompute = next((r for r in RECOMPUTE_MODES if estimate.peak(dist_opt, r) <= budget), "full")
         peak = estimate.peak(dist_opt, recompute)
-        speed = throughput_proxy(model, layout, setup, recompute, gpus_per_node)
+        speed = throughput_proxy(model, layout, setup, recompute)
         plans.append(Plan(estimate, dist_opt, recompute, peak, peak <= budget, speed))
     # Layouts that fit go by speed; the rest by how close they come to fitting.
     plans.sort(key=lambda p: (0, -round(p.throughput, 6), p.peak_bytes) if p.fits

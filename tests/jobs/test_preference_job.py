@@ -14,6 +14,7 @@ from kiln.cli import run_main
 from schemas.contracts import contract, schema_identity
 from schemas.manifest import read_manifest
 from schemas.shards import read_arrow_shard
+from schemas.validate import validate_path
 from tests.dataprep.chat_helpers import HH, train_tokenizer
 
 BEAM = ["--runner=DirectRunner"]
@@ -36,7 +37,9 @@ def table(out: str):
 
 
 def check_contract(out: str, tok_dir: str) -> None:
-    """The contract checks `kiln validate` makes, done here until schemas.validate lands."""
+    """`kiln validate` passes, and the shards say who they are and are sorted by id."""
+    report = validate_path(out)
+    assert report.ok, [str(i) for i in report.issues]
     m, t = table(out)
     c = contract(m.schema["name"])
     fp = load_tokenizer(tok_dir).fingerprint
@@ -45,12 +48,12 @@ def check_contract(out: str, tok_dir: str) -> None:
         shard = read_arrow_shard(os.path.join(out, s.path))
         assert schema_identity(shard.schema) == (c.name, c.version, fp)
         assert shard.schema.remove_metadata() == c.schema and shard.num_rows == s.rows
+        ids = shard.column("id" if "id" in shard.column_names else "ids").to_pylist()
+        assert ids == sorted(ids)
     for col in c.token_columns:
         assert pc.max(pc.list_flatten(t.column(col))).as_py() < m.tokenizer["vocab_size"]
     for col in c.non_empty:
         assert pc.min(pc.list_value_length(t.column(col))).as_py() > 0
-    ids = t.column("id" if "id" in t.column_names else "ids").to_pylist()
-    assert ids == sorted(ids)
 
 
 def dead_letters(out: str) -> list[dict]:
@@ -117,6 +120,9 @@ def test_scored_pairs_hygiene_and_bad_lines(tmp_path, tok_dir):
     assert s["hygiene"].duplicate == 3 and s["hygiene"].kept == 4
     assert sorted(t.column("margin").to_pylist()) == [3.0, 4.0, 7.0, 9.0]
     assert [d["offset"] for d in dead_letters(out)] == [2, 6]
+    # the fan-out stage names the 5 records its 9 candidates came from: the chain balances
+    assert s["pair"].derived_from == 5
+    assert validate_path(out).ok, validate_path(out).issues
 
 
 def test_unpaired_and_prompts_kinds(tmp_path, tok_dir):

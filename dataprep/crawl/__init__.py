@@ -1,0 +1,1 @@
+"""The polite web crawler: URL rules, robots.txt, address safety, fetching, WARC output, resumable state."""
