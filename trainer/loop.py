@@ -117,7 +117,8 @@ class Trainer:
         return get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iterators, model=self.model,
             num_microbatches=self.micro_batches, seq_length=cfg.train.seq_length,
-            micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
+            micro_batch_size=cfg.train.micro_batch_size * self.stage.sequences_per_sample,
+            forward_only=False)
 
     def _reduce(self, reports: list[dict]) -> dict[str, float] | None:
         """Sum micro-batch reports over DP (last pipeline stage only); per-unit means."""
@@ -158,8 +159,8 @@ class Trainer:
             reduced["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return True, reduced
 
-    def evaluate(self) -> float | None:
-        """Mean validation loss per unit over the fixed validation batches."""
+    def evaluate(self) -> dict[str, float] | None:
+        """Validation loss and stage metrics per unit over the fixed validation batches."""
         if self.stage.valid_batches() is None:
             return None
         for chunk in self.model:
@@ -167,11 +168,11 @@ class Trainer:
         reports = forward_only(
             self.model, self.stage.valid_batches, self.micro_batches * self.cfg.train.eval_batches,
             self.stage.forward, lambda output, batch: self._loss(batch, output)[2],
-            seq_length=self.cfg.train.seq_length, micro_batch_size=self.cfg.train.micro_batch_size)
+            seq_length=self.cfg.train.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size * self.stage.sequences_per_sample)
         for chunk in self.model:
             chunk.train()
-        reduced = self._reduce(reports)
-        return reduced["loss"] if reduced is not None else None
+        return self._reduce(reports)
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
@@ -251,8 +252,8 @@ def train(cfg: RunConfig) -> TrainState:
     if t.state.step >= tr.steps:  # nothing to train: evaluate the loaded weights
         val = t.evaluate()
         if runtime.is_logging_rank() and val is not None:
-            write_text(os.path.join(cfg.run_dir, "eval.json"),
-                       json.dumps({"step": t.state.step, "val_loss": val}) + "\n")
+            record = {"step": t.state.step, **{f"val_{k}": v for k, v in val.items()}}
+            write_text(os.path.join(cfg.run_dir, "eval.json"), json.dumps(record) + "\n")
         return t.state
     chunks = len(t.model)
     iters = [t.stage.train_batches(t.state.consumed_samples) for _ in range(chunks)]
@@ -282,7 +283,8 @@ def train(cfg: RunConfig) -> TrainState:
             if evaluate:
                 val = t.evaluate()
                 if val is not None:
-                    record["val_loss"] = val
+                    record.setdefault("step", step)
+                    record.update({f"val_{k}": v for k, v in val.items()})
             if record and runtime.is_logging_rank():
                 writer.write(record)
                 progress.set(**{k: record[k] for k in ("loss", "val_loss") if k in record})
