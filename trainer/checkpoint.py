@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 LATEST = "latest"
-# Optimizer state in canonical per-parameter form: loadable under any TP/PP/DP layout.
-_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Optimizer state as raw per-DP-rank buffers: torch Adam keeps a per-parameter `step` that
+# megatron 0.16.1's reshardable formats drop on load, so resuming keeps the TP/PP layout.
+_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def checkpoint_root(cfg: Any) -> str:
@@ -77,8 +78,15 @@ def _rng_object() -> ShardedObject:
                           runtime.dp_rank()), replica_id=0)
 
 
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DDP / Float16Module: checkpoint keys must not depend on wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _model_state(model: list[torch.nn.Module]) -> dict[str, Any]:
-    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+    return {f"chunk{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
 
 
 def _state_dict(t: Trainer, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
@@ -129,14 +137,40 @@ def _prune(root: str, keep: int, current: str) -> None:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
+@torch.no_grad()
 def load_weights(model: list[torch.nn.Module], path: str) -> None:
     """Only the model weights (e.g. `init.checkpoint`, evaluation under another layout)."""
     sd = {"model": _model_state(model)}
     loaded = dist_checkpointing.load(sd, path)
     for i, chunk in enumerate(model):
-        chunk.load_state_dict(loaded["model"][f"chunk{i}"])
+        unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
 
 
+def _allocate_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh distributed optimizer its Adam state tensors, for the load to fill in.
+
+    megatron's loading path reads the optimizer's step count from its state, which torch's Adam
+    only creates on its first step; Megatron-LM takes the same dummy step before loading.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(sub, "_init_optimizer_states_with_dummy_values") and not sub.optimizer.state:
+            sub._init_optimizer_states_with_dummy_values()
+
+
+def _set_adam_steps(optimizer: Any, updates: int) -> None:
+    """Give every parameter its own Adam step count (the number of applied updates).
+
+    megatron 0.16.1's loader (without apex/TE) assigns one shared `step` tensor to all
+    parameters; torch's Adam increments each parameter's step in place, so the shared count
+    would advance once per parameter per step and skew the bias correction after a resume.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in sub.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(updates))
+
+
+@torch.no_grad()
 def restore(t: Trainer) -> None:
     """Resume from `<checkpoint dir>/latest`, else start from `init.checkpoint`, else do nothing."""
     cfg = t.cfg
@@ -148,16 +182,18 @@ def restore(t: Trainer) -> None:
             load_weights(t.model, init)
             log.info("initial weights from %s", init)
         return
+    _allocate_optimizer_state(t.optimizer)
     common = dist_checkpointing.load_common_state_dict(path)
     same_layout = common.get("layout") == _layout_key()
     sd = _state_dict(t, is_loading=True, with_optimizer=True, with_rng=same_layout)
     loaded = dist_checkpointing.load(sd, path)
     for i, chunk in enumerate(t.model):
-        chunk.load_state_dict(loaded["model"][f"chunk{i}"])
+        unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
     t.optimizer.load_state_dict(loaded["optimizer"])
     t.scheduler.load_state_dict(loaded["scheduler"])
     for key, value in loaded["train_state"].items():
         setattr(t.state, key, value)
+    _set_adam_steps(t.optimizer, t.state.step - t.state.skipped_steps)
     if same_layout:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["cpu"])
