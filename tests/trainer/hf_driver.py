@@ -25,7 +25,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from kiln.log import setup_logging  # noqa: E402
 from tensor_parallel import runtime  # noqa: E402
-from trainer.checkpoint import load_weights  # noqa: E402
+from trainer.checkpoint import load_weights, resolve  # noqa: E402
 from trainer.config import load_run_config  # noqa: E402
 from trainer.model import build_gpt_chunks, padded_vocab_size  # noqa: E402
 
@@ -75,7 +75,7 @@ def main() -> None:
         vocab = cfg.model.vocab_size
         chunks = build_gpt_chunks(cfg, padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                                          p.tp))
-        load_weights(chunks, job["checkpoint"])
+        load_weights(chunks, resolve(job["checkpoint"]))
         for chunk in chunks:
             chunk.eval()
         result = {"logits": forward(chunks, tokens, vocab)}

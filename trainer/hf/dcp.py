@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import uuid
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,8 +138,10 @@ class CheckpointReader:
                   for k, (o, s) in boxes.items()}
         out = {k: torch.empty(tuple(c.sizes), dtype=dtype or self.dtype(k))
                for k, c in chunks.items()}
-        dcp.load(out, storage_reader=FileSystemReader(self.directory),
-                 planner=_SlicePlanner(chunks), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(out, storage_reader=FileSystemReader(self.directory),
+                     planner=_SlicePlanner(chunks), no_dist=True)
         return out
 
 
