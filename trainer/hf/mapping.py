@@ -14,7 +14,7 @@ RoPE needs no permutation: HF's `rotate_half` is megatron's non-interleaved rota
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -66,10 +66,6 @@ class Param:
 
     def hf_names(self, layer: int | None) -> list[str]:
         return [name.format(i=layer) for name in self.hf]
-
-    @property
-    def global_shape(self) -> tuple[int, ...]:
-        return self.shape  # non-layered; layered ones prepend the layer count (see `stacked`)
 
 
 def params(d: Dims) -> list[Param]:
@@ -154,6 +150,3 @@ def hf_names(d: Dims) -> Iterator[str]:
     for p in params(d):
         for layer in range(d.layers) if p.layered else [None]:
             yield from p.hf_names(layer)
-
-
-Reader = Callable[[str], torch.Tensor]
