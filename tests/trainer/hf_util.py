@@ -13,11 +13,12 @@ TEXT = ["the cat sat on the mat", "a dog ran in the park", "hello world, how are
         "megatron and transformers agree on every logit", "0123456789 + - * / = ()"]
 VOCAB = 300  # model vocabulary >= the tokenizer's (as Qwen2 does); >= the byte sample shards' 257
 
-# Small enough to run in seconds, shaped to exercise GQA (4 heads, 2 groups), SwiGLU and norms.
+# Small enough to run in seconds, shaped to exercise GQA (4 heads, 2 groups), SwiGLU and norms;
+# std 0.1 makes logits O(1), so a RoPE or norm mistake shows far above the 1e-4 tolerance.
 COMMON: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               max_position_embeddings=16384, bos_token_id=2, eos_token_id=3,
-                              pad_token_id=0)
+                              pad_token_id=0, initializer_range=0.1)
 
 FAMILIES: dict[str, dict[str, Any]] = {
     # Llama 3 with its RoPE scaling (megatron's fixed low/high/original values), untied.
