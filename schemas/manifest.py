@@ -35,6 +35,10 @@ class LedgerStage:
     filtered: dict[str, int] = field(default_factory=dict)
     duplicate: int = 0
     error: int = 0
+    # A fan-out stage (one record -> several units, e.g. scored completions -> candidate pairs)
+    # counts its own units as `input` and names the upstream records they came from here; the
+    # chain check then compares this, not `input`, with the previous stage's kept.
+    derived_from: int | None = None
 
     def balance_error(self) -> str | None:
         accounted = self.kept + sum(self.filtered.values()) + self.duplicate + self.error
@@ -59,13 +63,23 @@ class Ledger:
         """Every arithmetic problem, one line each (empty when the ledger balances)."""
         problems = [p for s in self.stages if (p := s.balance_error())]
         for prev, cur in zip(self.stages, self.stages[1:], strict=False):
-            if cur.input != prev.kept:
+            if cur.derived_from is not None:
+                if cur.derived_from != prev.kept:
+                    problems.append(f"stage '{cur.name}': derived from {cur.derived_from} "
+                                    f"records != previous stage '{prev.name}' kept {prev.kept}")
+            elif cur.input != prev.kept:
                 problems.append(f"stage '{cur.name}': input {cur.input} != previous stage "
                                 f"'{prev.name}' kept {prev.kept}")
         return problems
 
     def to_json(self) -> dict[str, Any]:
-        return {"stages": [asdict(s) for s in self.stages]}
+        stages = []
+        for s in self.stages:
+            entry = asdict(s)
+            if entry["derived_from"] is None:
+                del entry["derived_from"]
+            stages.append(entry)
+        return {"stages": stages}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Ledger:
@@ -79,7 +93,8 @@ class Ledger:
             stages.append(LedgerStage(
                 name=str(s["name"]), input=_int(s, "input", i), kept=_int(s, "kept", i),
                 filtered={str(k): _int(filtered, k, i) for k in filtered},
-                duplicate=_int(s, "duplicate", i), error=_int(s, "error", i)))
+                duplicate=_int(s, "duplicate", i), error=_int(s, "error", i),
+                derived_from=_int(s, "derived_from", i) if "derived_from" in s else None))
         return cls(stages)
 
 

@@ -3,8 +3,10 @@
 Layout on disk: `<dir>/step-00000042/` (one dist checkpoint) and `<dir>/latest` (its name). A save
 writes `<dir>/.partial-step-…/`, renames it into place and only then moves `latest`, so a crash at
 any moment leaves the previous checkpoint and `latest` intact. Tensors are stored by global name
-and offset, so a run with another TP/PP/DP layout loads the same checkpoint; the per-rank RNG
-state is restored only when the layout is unchanged (it has no meaning across layouts).
+and offset, so a run with another TP/PP/DP layout loads the same weights. Resuming restores
+weights, optimizer, LR schedule, data position and RNG; the optimizer state is stored per DP rank,
+so under a new TP/PP split a resume keeps weights, schedule and data position and restarts Adam's
+moments (with a warning); the per-rank RNG state is restored only under the same layout.
 """
 
 from __future__ import annotations
@@ -89,16 +91,13 @@ def _model_state(model: list[torch.nn.Module]) -> dict[str, Any]:
     return {f"chunk{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
 
 
-def _state_dict(t: Trainer, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
+def _state_dict(t: Trainer, *, optimizer: bool, rng: bool, is_loading: bool) -> dict:
     model_sd = _model_state(t.model)
     sd: dict[str, Any] = {"model": model_sd}
-    if with_optimizer:
+    if optimizer:
         sd["optimizer"] = t.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                        metadata=_METADATA)
-        sd["scheduler"] = t.scheduler.state_dict()
-        sd["train_state"] = dataclasses.asdict(t.state)
-        sd["layout"] = _layout_key()
-    if with_rng:
+    if rng:
         sd["rng_state"] = _rng_object()
     return sd
 
@@ -113,8 +112,9 @@ def save(t: Trainer) -> str:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     runtime.barrier()
-    sd = _state_dict(t, is_loading=False, with_optimizer=True, with_rng=True)
-    sd["config"] = dump_yaml(t.cfg)
+    sd = _state_dict(t, optimizer=True, rng=True, is_loading=False)
+    sd.update(scheduler=t.scheduler.state_dict(), train_state=dataclasses.asdict(t.state),
+              layout=_layout_key(), config=dump_yaml(t.cfg))
     dist_checkpointing.save(sd, partial)
     runtime.barrier()
     if runtime.rank() == 0:
@@ -182,26 +182,29 @@ def restore(t: Trainer) -> None:
             load_weights(t.model, init)
             log.info("initial weights from %s", init)
         return
-    _allocate_optimizer_state(t.optimizer)
     common = dist_checkpointing.load_common_state_dict(path)
-    same_layout = common.get("layout") == _layout_key()
-    sd = _state_dict(t, is_loading=True, with_optimizer=True, with_rng=same_layout)
+    saved, now = common.get("layout"), _layout_key()
+    same_split = saved is not None and saved[:4] == now[:4]  # TP, PP, VPP, CP (DP may differ)
+    if same_split:
+        _allocate_optimizer_state(t.optimizer)
+    else:
+        log.warning("resuming %s under TP/PP/VPP/CP %s (saved %s): weights, LR schedule and data "
+                    "position carry over; Adam moments restart from zero", path, now[:4], saved)
+    sd = _state_dict(t, optimizer=same_split, rng=saved == now, is_loading=True)
     loaded = dist_checkpointing.load(sd, path)
     for i, chunk in enumerate(t.model):
         unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
-    t.optimizer.load_state_dict(loaded["optimizer"])
-    t.scheduler.load_state_dict(loaded["scheduler"])
-    for key, value in loaded["train_state"].items():
+    for key, value in common["train_state"].items():
         setattr(t.state, key, value)
-    _set_adam_steps(t.optimizer, t.state.step - t.state.skipped_steps)
-    if same_layout:
+    t.scheduler.load_state_dict(common["scheduler"])
+    if same_split:
+        t.optimizer.load_state_dict(loaded["optimizer"])
+        _set_adam_steps(t.optimizer, t.state.step - t.state.skipped_steps)
+    if saved == now:  # RNG streams are per rank: meaningful only under the same layout
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"])
         mp.get_cuda_rng_tracker().set_states(rng["tracker"])
-    else:
-        log.warning("resuming under a new layout %s (saved %s): RNG streams restart",
-                    _layout_key(), common.get("layout"))
     log.info("resumed from %s at step %d (%d samples consumed)", path, t.state.step,
              t.state.consumed_samples)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -26,6 +27,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from kiln.errors import UsageError
 from kiln.log import get_logger
@@ -36,7 +38,7 @@ from trainer import checkpoint
 from trainer.config import RunConfig
 from trainer.metrics import MetricsWriter, flops_per_token, peak_memory_gb, peak_tflops
 from trainer.model import check_model_config, padded_vocab_size
-from trainer.stages import Stage, stage_class
+from trainer.stages import Batch, Stage, stage_class
 
 log = get_logger(__name__)
 
@@ -56,6 +58,34 @@ class BadStepsError(UsageError):
     exit_code = 1
 
 
+def _cp_slice(batch: Batch) -> Batch:
+    """Each context-parallel rank takes its chunks of the sequence (no-op without CP)."""
+    return get_batch_on_this_cp_rank(batch) if runtime.layout().cp > 1 else batch
+
+
+def forward_only(model: list[torch.nn.Module], batches: Callable[[], Iterator[Batch]],
+                 num_micro: int, forward: Callable[[torch.nn.Module, Batch], torch.Tensor],
+                 collect: Callable[[torch.Tensor, Batch], Any], *, seq_length: int,
+                 micro_batch_size: int) -> list[Any]:
+    """Run model chunks (e.g. a frozen reference model) over `num_micro` micro-batches through
+    the pipeline schedule without gradients.
+
+    `batches()` makes one micro-batch iterator (called once per model chunk); `forward` as in
+    `Stage.forward`; on the last pipeline stage the result is `[collect(output, batch), ...]`
+    per micro-batch, elsewhere `[]`. DPO-style stages use it for reference log-probs.
+    """
+    def step(data_iterator, chunk):
+        batch = _cp_slice(next(data_iterator))
+        return forward(chunk, batch), lambda output, non_loss_data=True: collect(output, batch)
+
+    iterators = [batches() for _ in model]
+    with torch.no_grad():
+        return get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iterators if len(model) > 1 else iterators[0],
+            model=model, num_microbatches=num_micro, seq_length=seq_length,
+            micro_batch_size=micro_batch_size, forward_only=True, collect_non_loss_data=True)
+
+
 @dataclass
 class Trainer:
     cfg: RunConfig
@@ -68,7 +98,7 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        batch = _cp_slice(next(data_iterator))
         output = self.stage.forward(model, batch)
         return output, partial(self._loss, batch)
 
@@ -79,12 +109,12 @@ class Trainer:
         report.update({k: v.detach().clone() for k, v in metrics.items()})
         return loss_sum, count, report
 
-    def _run_schedule(self, iterators, num_micro: int, forward_only: bool) -> list[dict]:
+    def _run_schedule(self, iterators) -> list[dict]:
         cfg = self.cfg
         return get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iterators, model=self.model,
-            num_microbatches=num_micro, seq_length=cfg.train.seq_length,
-            micro_batch_size=cfg.train.micro_batch_size, forward_only=forward_only)
+            num_microbatches=self.micro_batches, seq_length=cfg.train.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
 
     def _reduce(self, reports: list[dict]) -> dict[str, float] | None:
         """Sum micro-batch reports over DP (last pipeline stage only); per-unit means."""
@@ -113,7 +143,7 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = self._run_schedule(iterators, self.micro_batches, forward_only=False)
+        reports = self._run_schedule(iterators)
         reduced = self._reduce(reports)
         self.state.step += 1
         self.state.consumed_samples += self.cfg.train.global_batch_size
@@ -127,16 +157,14 @@ class Trainer:
 
     def evaluate(self) -> float | None:
         """Mean validation loss per unit over the fixed validation batches."""
-        chunks = len(self.model)
-        iterators = [self.stage.valid_batches() for _ in range(chunks)]
-        if iterators[0] is None:
+        if self.stage.valid_batches() is None:
             return None
         for chunk in self.model:
             chunk.eval()
-        with torch.no_grad():
-            reports = self._run_schedule(iterators if chunks > 1 else iterators[0],
-                                         self.micro_batches * self.cfg.train.eval_batches,
-                                         forward_only=True)
+        reports = forward_only(
+            self.model, self.stage.valid_batches, self.micro_batches * self.cfg.train.eval_batches,
+            self.stage.forward, lambda output, batch: self._loss(batch, output)[2],
+            seq_length=self.cfg.train.seq_length, micro_batch_size=self.cfg.train.micro_batch_size)
         for chunk in self.model:
             chunk.train()
         reduced = self._reduce(reports)

@@ -54,6 +54,9 @@ def check_model_config(cfg: RunConfig) -> None:
     if m.fp8 is not None and m.transformer_impl != "transformer_engine":
         raise ConfigError("model.fp8", "FP8 needs model.transformer_impl=transformer_engine "
                           "(Transformer Engine on a Hopper/Blackwell GPU)")
+    if cfg.parallel.cp > 1 and m.transformer_impl != "transformer_engine":
+        raise ConfigError("parallel.cp", "context parallelism needs Transformer Engine attention "
+                          "(model.transformer_impl=transformer_engine)")
     if m.precision == "bf16" and not runtime.on_gpu():
         raise ConfigError("model.precision", "bf16 training needs a GPU; use fp32 on CPU")
 

@@ -104,6 +104,11 @@ class Layout:
     vpp: int | None = None
     sequence_parallel: bool = True
 
+    def __post_init__(self) -> None:
+        if min(self.tp, self.pp, self.dp) < 1 or (self.vpp is not None and self.vpp < 2):
+            raise UsageError(f"layout tp={self.tp} pp={self.pp} dp={self.dp} vpp={self.vpp}: "
+                             "sizes must be positive and vpp, when given, at least 2")
+
     @property
     def gpus(self) -> int:
         return self.tp * self.pp * self.dp
@@ -284,13 +289,13 @@ def _torch_norm_bytes(model: ModelShape, e: int, sb: int) -> int:
     """What a torch norm (megatron's local spec without Apex) keeps, its output included.
 
     RMSNorm is composite: it upcasts to fp32 and keeps that input, the normalised input and
-    1/rms. LayerNorm is one kernel keeping its input, fp32 mean and 1/std. The output is kept
-    by the GEMM it feeds.
+    1/rms. LayerNorm is one kernel keeping its input, mean and 1/std (in the input's dtype on
+    CPU). The output is kept by the GEMM it feeds.
     """
     h = model.hidden_size
     if model.normalization == "RMSNorm":
         return (4 + 4 + e) * sb * h + 4 * sb
-    return 2 * e * sb * h + 8 * sb
+    return 2 * e * sb * h + 2 * e * sb
 
 
 def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, stage: int,
@@ -310,12 +315,13 @@ def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, s
         in_flight_chunks = min(warmup + 1, m * layout.vpp)
     if recompute == "full":
         per_layer = e * s * b * h // shard  # each layer keeps only its input
+        per_chunk = 4 * s * model.head_dim  # and the fp32 RoPE table all of a chunk's layers share
         # During backward one layer at a time is recomputed in full.
         transient = layer_activations(model, layout, setup, "none")
     else:
         per_layer = layer_activations(model, layout, setup, recompute)
-        transient = 0
-    layers = per_layer * layers_per_chunk * in_flight_chunks
+        per_chunk = transient = 0
+    layers = (per_layer * layers_per_chunk + per_chunk) * in_flight_chunks
     in_flight_microbatches = math.ceil(in_flight_chunks / layout.chunks)
     extra = 0
     if stage == 0:

@@ -103,3 +103,17 @@ def test_cli_entry_points_print_no_traceback(tmp_path):
         assert proc.returncode == 1
         assert "Traceback" not in proc.stderr + proc.stdout
         assert "not an Arrow IPC or Parquet file" in proc.stdout
+
+
+def test_fan_out_stage_is_checked_against_the_records_it_came_from():
+    from schemas.manifest import Ledger
+
+    ledger = Ledger()
+    ledger.stage("parse", input=6, kept=5, error=1)
+    pair = ledger.stage("pair", input=9, kept=9)
+    assert ledger.check() == ["stage 'pair': input 9 != previous stage 'parse' kept 5"]
+    pair.derived_from = 5
+    assert ledger.check() == []
+    assert Ledger.from_json(ledger.to_json()).stages[1].derived_from == 5
+    pair.derived_from = 4
+    assert "derived from 4 records != previous stage 'parse' kept 5" in ledger.check()[0]

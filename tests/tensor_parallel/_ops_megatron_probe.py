@@ -16,8 +16,9 @@ import torch.distributed as dist
 
 
 def _cpu_megatron() -> None:
-    # megatron-core 0.16 allocates on torch.cuda.current_device() and forks CUDA RNG state in
-    # its attention dropout; on a CPU-only build both must resolve to the CPU.
+    # megatron-core 0.16 allocates on torch.cuda.current_device(), forks CUDA RNG state in its
+    # attention dropout and saves/restores it around recomputation; on a CPU-only build all of
+    # these must resolve to the CPU (whose generator megatron saves and restores anyway).
     torch.cuda.current_device = lambda: torch.device("cpu")
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mrandom
@@ -26,6 +27,8 @@ def _cpu_megatron() -> None:
         def fork(self, name: str = "model-parallel-rng"):
             return torch.random.fork_rng(devices=[])
 
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRngTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     parallel_state.initialize_model_parallel(1, 1)
@@ -38,6 +41,11 @@ def measure(cfg: dict) -> dict:
     from megatron.core.transformer.module import Float16Module
 
     bf16 = cfg["dtype"] == "bf16"
+    recompute = {"none": {},
+                 "selective": {"recompute_granularity": "selective",
+                               "recompute_modules": ["core_attn"]},
+                 "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+                          "recompute_num_layers": 1}}[cfg.get("recompute", "none")]
     config = TransformerConfig(
         num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"],
         ffn_hidden_size=cfg["ffn_hidden_size"], num_attention_heads=cfg["num_attention_heads"],
@@ -49,6 +57,7 @@ def measure(cfg: dict) -> dict:
         use_cpu_initialization=True, gradient_accumulation_fusion=False,
         masked_softmax_fusion=False, bias_activation_fusion=False, persist_layer_norm=False,
         apply_rope_fusion=False, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        **recompute,
     )
     model = GPTModel(config, get_gpt_layer_local_spec(normalization=cfg["normalization"]),
                      vocab_size=cfg["vocab_size"], max_sequence_length=cfg["seq_length"],
@@ -74,7 +83,7 @@ def measure(cfg: dict) -> dict:
         loss = wrapped(ids, position_ids, causal, labels=ids)
     result["activation_bytes"] = sum(saved.values())
 
-    if not bf16:  # fp32 training state with torch Adam: weights, grads and both moments
+    if not bf16 and not recompute:  # fp32 training state with torch Adam: weights, grads and both moments
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss.float().mean().backward()
         optimizer.step()

@@ -2,6 +2,7 @@
 
 - `vocab_parallel_log_probs` equals minus megatron's `vocab_parallel_cross_entropy`, value and
   gradient, and finds megatron's TP group by itself when no group is passed.
+- `kiln plan`'s per-rank parameter count equals what a TP=2 megatron `GPTModel` holds per rank.
 - Logits from megatron's `ColumnParallelLinear` output layer with sequence parallelism (the
   hidden states arrive split along the sequence and the layer all-gathers them) give the same
   log-probabilities and input/weight gradients as one rank with the full weight.
@@ -48,7 +49,34 @@ def check_megatron(c, rank: int, tp: int) -> None:
     c.close("megatron cross entropy grad", ours_in.grad, theirs_in.grad, 1e-6)
 
     check_sequence_parallel_output_layer(c, rank, tp)
+    check_parameters_per_rank(c, rank, tp)
     parallel_state.destroy_model_parallel()
+
+
+def check_parameters_per_rank(c, rank: int, tp: int) -> None:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from tensor_parallel.plan import Layout, ModelShape
+    from tensor_parallel.plan.memory import stage_parameters
+
+    shape = ModelShape(2, 64, 176, 8, 2, 1000, 32, make_vocab_size_divisible_by=64)
+    config = TransformerConfig(
+        num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=8,
+        num_query_groups=2, normalization="RMSNorm", gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        tensor_model_parallel_size=tp, use_cpu_initialization=True,
+        gradient_accumulation_fusion=False, masked_softmax_fusion=False,
+        bias_activation_fusion=False, persist_layer_norm=False)
+    model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"),
+                     vocab_size=shape.padded_vocab_size(tp), max_sequence_length=32,
+                     position_embedding_type="rope", share_embeddings_and_output_weights=False)
+    held = sum(p.numel() for p in model.parameters())
+    expected = stage_parameters(shape, Layout(tp, 1, 1), 0)
+    c.checks += 1
+    if held != expected:
+        c.failures.append(f"rank {rank}: megatron holds {held} parameters, plan says {expected}")
 
 
 def check_sequence_parallel_output_layer(c, rank: int, tp: int) -> None:

@@ -72,6 +72,7 @@ def test_cluster_configs_split_their_cluster(name: str, world: int) -> None:
     (["model.fp8=delayed"], "model.fp8"),
     (["model.transformer_impl=transformer_engine"], "model.transformer_impl"),
     (["model.precision=bf16"], "model.precision"),
+    (["parallel.cp=2"], "parallel.cp"),
 ])
 def test_gpu_only_features_fail_at_startup_on_cpu(tiny_config: str, overrides: list[str],
                                                   key: str) -> None:

@@ -27,7 +27,7 @@ def write_dataset(root: Path, docs: list[list[int]], vocab: int = 50) -> Path:
     builder.finalize(str(root / "part-0.idx"))
     manifest = {"schema": {"name": "megatron_indexed", "version": 1},
                 "tokenizer": {"fingerprint": "t", "vocab_size": vocab},
-                "shards": [{"path": "part-0.bin", "rows": len(docs),
+                "shards": [{"path": "part-0.bin", "rows": len(docs), "bytes": 0, "sha256": "",
                             "tokens": sum(map(len, docs))}]}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root

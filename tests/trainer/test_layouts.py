@@ -14,14 +14,19 @@ pytestmark = pytest.mark.slow
 STEPS = ["train.steps=5", "train.log_every=1", "train.eval_every=0", "checkpoint.save=false"]
 SAVE = "checkpoint.save=true"  # tp2 and pp2 checkpoints are reloaded at TP=1/PP=1 below
 FOUR_LAYERS = "model.num_layers=4"
+TIED = "model.tie_embeddings=true"
 
 # name -> (ranks, reference, overrides)
 LAYOUTS = {
+    "recompute_full": (1, "ref2", ["model.recompute=full"]),
+    "recompute_selective": (1, "ref2", ["model.recompute=selective"]),
+    "accumulation_4": (1, "ref2", ["train.micro_batch_size=2"]),
     "tp2": (2, "ref2", ["parallel.tp=2", SAVE]),
     "tp2_sequence_parallel": (2, "ref2", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2_1f1b": (2, "ref2", ["parallel.pp=2", SAVE]),
     "pp2_vpp2": (2, "ref4", ["parallel.pp=2", "parallel.vpp=2", FOUR_LAYERS]),
     "dp2_distributed_optimizer": (2, "ref2", ["parallel.distributed_optimizer=true"]),
+    "pp2_tied_embeddings": (2, "ref2_tied", ["parallel.pp=2", TIED]),
     "tp2_pp2": (4, "ref4", ["parallel.tp=2", "parallel.pp=2", FOUR_LAYERS]),
 }
 
@@ -29,7 +34,8 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("layouts")
-    run_layouts(out, {"ref2": [], "ref4": [FOUR_LAYERS]}, *STEPS)
+    run_layouts(out, {"ref2": [], "ref4": [FOUR_LAYERS], "ref2_tied": [TIED],
+                      **{name: o for name, (n, _, o) in LAYOUTS.items() if n == 1}}, *STEPS)
     for nproc in (2, 4):
         chosen = {name: o for name, (n, _, o) in LAYOUTS.items() if n == nproc}
         run_layouts(out, chosen, *STEPS, nproc=nproc)
