@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tests.trainer.conftest import ROOT, child_env
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TEXT = ["the cat sat on the mat", "a dog ran in the park", "hello world, how are you?",
@@ -88,3 +92,20 @@ def safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     for name in files:
         out.update(load_file(str(directory / name)))
     return out
+
+
+DRIVER = str(ROOT / "tests" / "trainer" / "hf_driver.py")
+TOKENS = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def run_driver(jobs: dict, out: Path, nproc: int, greedy: dict | None = None) -> None:
+    """Run `hf_driver.py` on `jobs` (see its docstring) in one launch of `nproc` ranks."""
+    spec = out / "jobs.json"
+    spec.write_text(json.dumps({"out": str(out), "tokens": TOKENS, "greedy": greedy,
+                                "jobs": jobs}))
+    cmd = [sys.executable, DRIVER, str(spec)] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", DRIVER, str(spec)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -3,38 +3,20 @@ megatron at TP=1, TP=2 and PP=2, each loaded by the trainer's own `init.checkpoi
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from kiln.cli import run_main
-from tests.trainer.conftest import ROOT, child_env
-from tests.trainer.hf_util import hf_logits, make_model
+from tests.trainer.hf_util import TOKENS, hf_logits, make_model, run_driver
 from trainer.hf import import_hf
 
 pytestmark = pytest.mark.slow
 
-DRIVER = str(ROOT / "tests" / "trainer" / "hf_driver.py")
 FAMILIES = ("llama", "mistral", "qwen2")
 LAYOUTS = {"tp1_dp2": ["parallel.tp=1"], "tp2": ["parallel.tp=2"],
            "pp2": ["parallel.tp=1", "parallel.pp=2"]}
-TOKENS = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(0)).tolist()
-
-
-def run_driver(jobs: dict, out: Path, nproc: int, greedy: dict | None = None) -> None:
-    spec = out / "jobs.json"
-    spec.write_text(json.dumps({"out": str(out), "tokens": TOKENS, "greedy": greedy,
-                                "jobs": jobs}))
-    cmd = [sys.executable, DRIVER, str(spec)] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", DRIVER, str(spec)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 @pytest.fixture(scope="module")
