@@ -175,3 +175,9 @@ def test_export_without_a_tokenizer_asks_for_one(models: Path, tmp_path: Path, c
                models / "mistral", "--chat-template", "none", "--vocab-size", "301") == 1
     assert "embedding.word_embeddings.weight" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists() and not leftovers(tmp_path)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path: Path, capsys) -> None:
+    src = make_model("llama", tmp_path / "small", vocab_size=200)  # the tokenizer has 280 tokens
+    assert cli(import_hf.main, src, "--out", tmp_path / "ckpt") == 1
+    assert "tokenizer.json" in capsys.readouterr().err and not (tmp_path / "ckpt").exists()

@@ -53,6 +53,11 @@ def test_training_started_from_the_imported_weights(trained: Path) -> None:
     assert all(0 < m < 0.02 for m in moved.values()), moved
 
 
+def test_the_trained_checkpoint_finds_its_tokenizer_through_init(trained: Path) -> None:
+    assert export_hf.tokenizer_dir(str(trained / "run" / "checkpoints")) == \
+        str(trained / "ckpt" / "tokenizer")
+
+
 def test_transformers_gives_our_logits_for_the_trained_weights(trained: Path) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -98,6 +98,14 @@ def imported_origin(ckpt: str, cfg: dict[str, Any]) -> str | None:
     return None
 
 
+def tokenizer_dir(checkpoint: str) -> str | None:
+    """The tokenizer of the `kiln import-hf` model a checkpoint descends from, if any."""
+    ckpt = resolve_checkpoint(os.path.abspath(checkpoint))
+    origin = imported_origin(ckpt, run_config(ckpt))
+    path = os.path.join(origin, "tokenizer") if origin else None
+    return path if path and os.path.isdir(path) else None
+
+
 def unpadded_vocab(model: ModelConfig, cfg: dict[str, Any], override: int | None) -> int:
     if override is not None:
         return override

@@ -131,6 +131,22 @@ def check_layout(m: HFModel, tp: int, pp: int) -> None:
         raise UsageError(f"--pp {pp}: num_hidden_layers={cfg.num_layers} is not divisible by it")
 
 
+def check_tokenizer(directory: str, vocab_size: int) -> None:
+    """Every token id the tokenizer can produce must have an embedding row."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.exists(path):
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+    except Exception as exc:  # tokenizers raises a bare Exception on bad files
+        raise DataError(f"unreadable tokenizer: {exc}", path=path) from None
+    if size > vocab_size:
+        raise DataError(f"{size} tokens but the model has {vocab_size} embedding rows", path=path,
+                        field="vocab_size")
+
+
 def tokenizer_fingerprint(directory: str) -> str | None:
     """sha256 of `tokenizer.json`, as `dataprep.hf_tokenizer.HFTokenizer` computes it."""
     path = os.path.join(directory, "tokenizer.json")
@@ -201,14 +217,15 @@ def main(argv: Sequence[str]) -> int:
     run = {"model": replace(m.model, layout_independent_init=False),
            "parallel": ParallelConfig(tp=args.tp, pp=args.pp),
            "init": InitConfig(checkpoint=out)}
+    check_tokenizer(hf_dir, m.vocab_size)
     fingerprint = tokenizer_fingerprint(hf_dir)
     with ExitStack() as stack:
         src = SafetensorsSource(hf_dir, stack)
         check_tensors(src, d)
         with atomic_dir(out) as tmp:
-            model_yaml = (f"# kiln import-hf {hf_dir} ({m.architecture})\n"
-                          f"# start any stage from these weights: --config {out}/model.yaml "
-                          "--set stage=... data....\n" + dump_yaml(run))
+            model_yaml = (f"# kiln import-hf {hf_dir} ({m.architecture}). Train from these weights:\n"
+                          f"#   torchrun trainer/main.py --config {out}/model.yaml "
+                          "--set stage=<stage> run_dir=<dir> <data keys>\n" + dump_yaml(run))
             n = write_weights(src, d, tmp, dtype, {"config": dump_yaml(run)})
             with open(os.path.join(tmp, "model.yaml"), "w", encoding="utf-8") as f:
                 f.write(model_yaml)
