@@ -63,12 +63,14 @@ def parse_size(text: str) -> int:
 
 
 def resolve_checkpoint(path: str) -> str:
-    from trainer.checkpoint import LATEST, latest_checkpoint
-
-    if os.path.exists(os.path.join(path, LATEST)):
-        found = latest_checkpoint(path)
-        if found is None:
-            raise DataError(f"'{LATEST}' names a checkpoint that does not exist", path=path)
+    """A checkpoint directory, or a checkpoints root (then the one its `latest` file names, the
+    layout `trainer.checkpoint` writes; read here without importing megatron)."""
+    marker = os.path.join(path, "latest")
+    if os.path.exists(marker):
+        with open(marker, encoding="utf-8") as f:
+            found = os.path.join(path, f.read().strip())
+        if not os.path.exists(os.path.join(found, "metadata.json")):
+            raise DataError(f"'latest' names {found}, which is not a checkpoint", path=path)
         return found
     if not os.path.exists(os.path.join(path, "metadata.json")):
         raise DataError("not a checkpoint (no metadata.json, no 'latest')", path=path)
