@@ -30,13 +30,18 @@ def runs(tmp_path_factory) -> Path:
             jobs[f"{family}_{layout}"] = {"config": str(root / f"{family}.ckpt" / "model.yaml"),
                                           "checkpoint": str(root / f"{family}.ckpt"),
                                           "set": overrides}
-    run_driver(jobs, root, nproc=2)  # one launch for all nine (model, layout) pairs
+    # bf16 weights in sharded safetensors, loaded into the fp32 model (cast on load)
+    make_model("llama", root / "llama_bf16", dtype=torch.bfloat16, max_shard_size="40KB")
+    assert run_main(import_hf.main, [str(root / "llama_bf16"), "--out", str(root / "bf16.ckpt")]) == 0
+    jobs["llama_bf16_tp2"] = {"config": str(root / "bf16.ckpt" / "model.yaml"),
+                              "checkpoint": str(root / "bf16.ckpt"), "set": ["parallel.tp=2"]}
+    run_driver(jobs, root, nproc=2)  # one launch for every (model, layout) pair
     return root
 
 
 @pytest.fixture(scope="module")
 def reference(runs: Path) -> dict[str, torch.Tensor]:
-    return {family: hf_logits(runs / family, TOKENS) for family in FAMILIES}
+    return {name: hf_logits(runs / name, TOKENS) for name in (*FAMILIES, "llama_bf16")}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -47,6 +52,11 @@ def test_megatron_logits_equal_transformers(runs: Path, reference: dict, family:
     want = reference[family]
     assert ours.shape == want.shape == (2, 64, 300)  # vocabulary padding sliced off
     torch.testing.assert_close(ours, want, atol=1e-4, rtol=0)
+
+
+def test_bf16_sharded_source_loads_into_the_fp32_model(runs: Path, reference: dict) -> None:
+    ours = torch.load(runs / "llama_bf16_tp2.pt")["logits"]
+    torch.testing.assert_close(ours, reference["llama_bf16"], atol=1e-4, rtol=0)
 
 
 def test_the_comparison_sees_a_rope_scaling_mistake(runs: Path, reference: dict) -> None:
