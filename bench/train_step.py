@@ -38,7 +38,8 @@ def ours(steps: int, log_every: int) -> float:
             f"train.global_batch_size={BATCH}", "checkpoint.save=false", f"run_dir={run_dir}"]
         cmd = [sys.executable, os.path.join(ROOT, "trainer", "main.py"), "--config",
                os.path.join(ROOT, "trainer", "configs", "tiny-pretrain.yaml"), "--set", *sets]
-        env = dict(os.environ, PYTHONPATH=ROOT, KILN_LOG_LEVEL="WARNING")
+        env = dict(os.environ, PYTHONPATH=ROOT, KILN_LOG_LEVEL="WARNING",
+                   OMP_NUM_THREADS=str(torch.get_num_threads()))
         subprocess.run(cmd, check=True, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
         with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
             records = [json.loads(line) for line in f]
@@ -78,7 +79,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--log-every", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     theirs = hf(args.steps, args.log_every)
     mine = ours(args.steps, args.log_every)
     print(f"tiny Llama {MODEL}, batch {BATCH}×{SEQ}, fp32, {torch.get_num_threads()} threads")

@@ -218,6 +218,20 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     return Trainer(cfg, stage, model, optimizer, scheduler, TrainState(), micro)
 
 
+def _step_record(t: Trainer, result: dict[str, float] | None, tokens_per_s: float,
+                 flops_per_tok: float, peak: float | None) -> dict[str, Any]:
+    """One metrics.jsonl line: step, loss (+ stage metrics), lr, grad norm, throughput, memory."""
+    tflops = tokens_per_s * flops_per_tok / 1e12 / runtime.world_size()
+    record = {"step": t.state.step, "lr": t.scheduler.get_lr(t.optimizer.param_groups[0]),
+              "tokens_per_s": tokens_per_s, "tflops_per_rank": tflops,
+              "peak_memory_gb": peak_memory_gb(), "skipped_steps": t.state.skipped_steps,
+              "consumed_samples": t.state.consumed_samples}
+    if peak:
+        record["mfu"] = tflops / peak
+    record.update(result or {"loss": float("nan")})
+    return record
+
+
 def train(cfg: RunConfig) -> TrainState:
     """Train `cfg.train.steps` steps (resuming from the latest checkpoint when there is one)."""
     t = build_trainer(cfg)
@@ -255,25 +269,16 @@ def train(cfg: RunConfig) -> TrainState:
                             step, bad_in_a_row)
             else:
                 bad_in_a_row = 0
-            record: dict[str, Any] = {}
             last = step == tr.steps
-            if step % tr.log_every == 0 or last or not applied:
+            evaluate = bool(tr.eval_every and step % tr.eval_every == 0) or last
+            record: dict[str, Any] = {}
+            if step % tr.log_every == 0 or last or evaluate or not applied:
                 elapsed = time.perf_counter() - started
-                tps = tokens / max(elapsed, 1e-9)
-                record = {"step": step, "lr": t.scheduler.get_lr(t.optimizer.param_groups[0]),
-                          "tokens_per_s": tps,
-                          "tflops_per_rank": tps * flops / 1e12 / runtime.world_size(),
-                          "peak_memory_gb": peak_memory_gb(),
-                          "skipped_steps": t.state.skipped_steps,
-                          "consumed_samples": t.state.consumed_samples}
-                if peak:
-                    record["mfu"] = record["tflops_per_rank"] / peak
-                record.update(result or {"loss": float("nan")})
+                record = _step_record(t, result, tokens / max(elapsed, 1e-9), flops, peak)
                 tokens, started = 0, time.perf_counter()
-            if (tr.eval_every and step % tr.eval_every == 0) or last:
+            if evaluate:
                 val = t.evaluate()
                 if val is not None:
-                    record.setdefault("step", step)
                     record["val_loss"] = val
             if record and runtime.is_logging_rank():
                 writer.write(record)
@@ -288,4 +293,4 @@ def train(cfg: RunConfig) -> TrainState:
     return t.state
 
 
-__all__ = ["BadStepsError", "TrainState", "Trainer", "build_trainer", "train"]
+__all__ = ["BadStepsError", "TrainState", "Trainer", "build_trainer", "forward_only", "train"]

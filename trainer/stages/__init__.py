@@ -71,10 +71,6 @@ class Stage:
         loss_sum = (output.float() * mask).sum()
         return loss_sum, mask.sum().to(torch.int), {}
 
-    def tokens_in(self, batch: Batch) -> int:
-        """Tokens this micro-batch costs in compute (for tokens/s and TFLOP/s)."""
-        return int(batch["tokens"].numel())
-
 
 def stage_class(name: str) -> type[Stage]:
     """The `Stage` subclass of `trainer/stages/<name>.py`."""
