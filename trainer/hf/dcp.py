@@ -86,7 +86,14 @@ class CheckpointWriter:
         torch.save([value], blob)
         self._append(MetadataIndex(unique_key), lambda f: f.write(blob.getbuffer()))
 
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stream.close()  # after an error: the caller discards the directory
+
     def close(self, common: dict[str, Any]) -> None:
+        """Finish the data file, then write `.metadata`, `common.pt` and `metadata.json`."""
         self._stream.close()
         metadata = Metadata(
             state_dict_metadata={**self._tensors, **self._objects}, storage_data=self._storage,

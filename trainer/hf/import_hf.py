@@ -159,10 +159,10 @@ def tokenizer_fingerprint(directory: str) -> str | None:
 def write_weights(src: SafetensorsSource, d: Dims, out: str, dtype: torch.dtype | None,
                   common: dict[str, Any]) -> int:
     """Stream every tensor into the checkpoint; returns the number of parameters written."""
-    writer = CheckpointWriter(out)
     total = 0
     plist = params(d)
-    with counter("import", total=sum(d.layers if p.layered else 1 for p in plist)) as progress:
+    steps = sum(d.layers if p.layered else 1 for p in plist)
+    with CheckpointWriter(out) as writer, counter("import", total=steps) as progress:
         for p in plist:
             for layer in range(d.layers) if p.layered else [None]:
                 tensor = to_megatron(p, [src.get(n) for n in p.hf_names(layer)], d)
@@ -176,10 +176,10 @@ def write_weights(src: SafetensorsSource, d: Dims, out: str, dtype: torch.dtype 
                 total += tensor.numel()
                 del tensor
                 progress.advance(1)
-    for layer in range(d.layers):
-        for module in EXTRA_STATE_MODULES:
-            writer.add_object(extra_state_key(module, layer, d.layers), None)
-    writer.close(common)
+        for layer in range(d.layers):
+            for module in EXTRA_STATE_MODULES:
+                writer.add_object(extra_state_key(module, layer, d.layers), None)
+        writer.close(common)
     return total
 
 
@@ -214,6 +214,7 @@ def main(argv: Sequence[str]) -> int:
     d = Dims.of(m.model, m.vocab_size)
     dtype = None if args.dtype == "source" else DTYPES[args.dtype]
     # The sections a run needs to start from these weights; everything else keeps its defaults.
+    # No layout-independent init: it would draw every full tensor only to be overwritten.
     run = {"model": replace(m.model, layout_independent_init=False),
            "parallel": ParallelConfig(tp=args.tp, pp=args.pp),
            "init": InitConfig(checkpoint=out)}
