@@ -20,6 +20,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `python bench/x.py` puts bench/ first on sys.path, where bench/tokenize.py shadows the stdlib
+# module torch imports.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.join(ROOT, "bench")]
 
 CHILD = r"""
 import json, sys, threading, time
