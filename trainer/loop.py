@@ -58,8 +58,11 @@ class BadStepsError(UsageError):
     exit_code = 1
 
 
-def _cp_slice(batch: Batch) -> Batch:
-    """Each context-parallel rank takes its chunks of the sequence (no-op without CP)."""
+def _on_device(batch: Batch) -> Batch:
+    """The micro-batch on this rank's device, cut to this context-parallel rank's chunks."""
+    device = runtime.device()
+    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+             for k, v in batch.items()}
     return get_batch_on_this_cp_rank(batch) if runtime.layout().cp > 1 else batch
 
 
@@ -75,7 +78,7 @@ def forward_only(model: list[torch.nn.Module], batches: Callable[[], Iterator[Ba
     per micro-batch, elsewhere `[]`. DPO-style stages use it for reference log-probs.
     """
     def step(data_iterator, chunk):
-        batch = _cp_slice(next(data_iterator))
+        batch = _on_device(next(data_iterator))
         return forward(chunk, batch), lambda output, non_loss_data=True: collect(output, batch)
 
     iterators = [batches() for _ in model]
@@ -98,7 +101,7 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
-        batch = _cp_slice(next(data_iterator))
+        batch = _on_device(next(data_iterator))
         output = self.stage.forward(model, batch)
         return output, partial(self._loss, batch)
 

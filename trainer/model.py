@@ -64,6 +64,7 @@ def check_model_config(cfg: RunConfig) -> None:
 def transformer_config(cfg: RunConfig) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     on_gpu = runtime.on_gpu()
+    te = m.transformer_impl == "transformer_engine"
     bf16 = m.precision == "bf16"
     recompute = {"none": None, "selective": "selective", "full": "full"}[m.recompute]
     extra: dict[str, Any] = {}
@@ -87,7 +88,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         gradient_accumulation_fusion=False, masked_softmax_fusion=on_gpu,
         bias_activation_fusion=on_gpu, bias_dropout_fusion=on_gpu, persist_layer_norm=False,
         apply_rope_fusion=False,
-        attention_backend=AttnBackend.auto if on_gpu else AttnBackend.local,
+        attention_backend=AttnBackend.auto if te else AttnBackend.local,
         calculate_per_token_loss=True, recompute_granularity=recompute,
         # Interleaved schedules with batched p2p send wrong tensors when prev == next peer
         # (PP=2); Megatron-LM also overlaps p2p whenever VPP is on.
