@@ -30,6 +30,8 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     max_position_embeddings: int | None = None  # None: train.seq_length
     rotary_base: int = 10000
+    rope_scaling_factor: float | None = None  # Llama 3.x RoPE scaling (megatron's fixed 1/4/8192)
+    qkv_bias: bool = False  # bias on the QKV projection only (Qwen2)
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
     init_method_std: float = 0.02

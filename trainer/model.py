@@ -76,7 +76,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         normalization="RMSNorm", layernorm_epsilon=m.norm_epsilon, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=m.qkv_bias,
         hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
@@ -129,6 +129,8 @@ def build_gpt_chunks(cfg: RunConfig, vocab_size: int,
             pre_process=runtime.is_first_stage(stage), post_process=runtime.is_last_stage(stage),
             share_embeddings_and_output_weights=cfg.model.tie_embeddings,
             position_embedding_type="rope", rotary_base=cfg.model.rotary_base,
+            rope_scaling=cfg.model.rope_scaling_factor is not None,
+            rope_scaling_factor=cfg.model.rope_scaling_factor or 8.0,
             parallel_output=True, vp_stage=stage)
         chunks.append(chunk)
     if cfg.model.layout_independent_init:
