@@ -1,0 +1,199 @@
+"""Run megatron-core on CPU with gloo: the small set of patches it needs when CUDA is absent.
+
+megatron-core has no CPU path (its maintainers say so); these are the places 0.16.1 assumes CUDA,
+each measured in `shared/notes/megatron-core-on-cpu.md`:
+
+1. the RNG tracker forks CUDA generator states -> `CpuRNGStatesTracker` forks the CPU generator;
+2. `torch.cuda.current_device()` is used as an allocation device -> it returns 0 and
+3. hard-coded `device="cuda"`, `Tensor.cuda()` and `tensor.type() == 'torch.cuda.FloatTensor'`
+   asserts -> `_CudaToCpu`, a `TorchFunctionMode` that maps CUDA devices to the CPU and reports
+   CPU tensors with their CUDA type names;
+4. `torch.cuda.synchronize` / streams / events on overlap and timer paths -> no-ops;
+5. sequence parallel with torch norms -> `SequenceParallelTorchNorm`, a norm whose parameters
+   carry the `sequence_parallel` attribute so megatron all-reduces their grads over TP.
+
+`enable()` is called once by `tensor_parallel.runtime` and only when `torch.cuda.is_available()`
+is False; nothing here runs on a GPU host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from kiln.log import get_logger
+
+log = get_logger(__name__)
+
+_enabled = False
+_mode: TorchFunctionMode | None = None
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+_CPU = torch.device("cpu")
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Every torch call made under this mode sees CUDA devices as the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        device = kwargs.get("device")
+        if device is not None and _is_cuda_device(device):
+            kwargs = {**kwargs, "device": _CPU}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        if kwargs.get("pin_memory"):
+            kwargs = {**kwargs, "pin_memory": False}
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker:
+    """megatron's `CudaRNGStatesTracker` contract on the CPU generator.
+
+    Named states (`model-parallel-rng`, `data-parallel-rng`, `expert-parallel-rng`) are CPU
+    generator states; `fork(name)` swaps one in, runs the block, stores where it got to and swaps
+    the previous state back, exactly as megatron does with CUDA states.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.use_cudagraphable_rng = False
+        self.is_inference_rng_tracker = False
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+class SequenceParallelTorchNorm:
+    """megatron's `WrappedTorchNorm` without its `not sequence_parallel` assert.
+
+    Under sequence parallelism each TP rank normalises its own slice of the sequence, so the norm
+    weight's gradient is partial: the `sequence_parallel` attribute makes megatron's
+    `finalize_model_grads` all-reduce it over the TP group (what TE's and apex's norms do).
+    """
+
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _no_op(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class _NullStream:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def __enter__(self) -> _NullStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _cpu_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def enable() -> None:
+    """Install the CPU backend (idempotent). Only call when CUDA is absent."""
+    global _enabled, _mode
+    if _enabled:
+        return
+    assert not torch.cuda.is_available(), "the CPU backend must not run on a CUDA host"
+    from megatron.core.tensor_parallel import random as mp_random
+
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = _no_op
+    torch.cuda.empty_cache = _no_op
+    torch.cuda.Stream = _NullStream
+    torch.cuda.current_stream = _NullStream
+    torch.cuda.default_stream = _NullStream
+    torch.cuda.stream = _NullStream
+    torch.cuda.set_device = _no_op
+    torch.cuda.manual_seed = _no_op
+    torch.cuda.manual_seed_all = _no_op
+    torch.cuda.get_rng_state = torch.get_rng_state
+    torch.cuda.set_rng_state = torch.set_rng_state
+    mp_random._get_cuda_rng_state = _cpu_rng_state
+    mp_random._set_cuda_rng_state = _set_cpu_rng_state
+    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    _mode = _CudaToCpu()
+    _mode.__enter__()
+    _enabled = True
+    log.info("CUDA not available: megatron-core runs on the CPU backend (gloo, fp32, local spec)")
+
+
+def enabled() -> bool:
+    return _enabled

@@ -1,0 +1,58 @@
+"""Helpers for trainer tests: run the trainer in subprocesses (one process, or torchrun ranks).
+
+The trainer's CPU backend changes process-wide torch state, so it never runs inside pytest's own
+process: every training run here is a child process on gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "trainer" / "configs" / "tiny-pretrain.yaml")
+DRIVER = str(ROOT / "tests" / "trainer" / "layouts_driver.py")
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", KILN_LOG_LEVEL="WARNING")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def run_layouts(out: Path, layouts: dict[str, list[str]], *common: str, nproc: int = 1,
+                config: str = TINY, timeout: int = 300) -> None:
+    """Train `config` under each named layout (overrides) in one launch of `nproc` ranks."""
+    if nproc == 1:
+        cmd = [sys.executable, DRIVER]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", DRIVER]
+    cmd += [config, str(out), json.dumps(layouts), *common]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run_dir)]
+
+
+def val_loss(run_dir: Path) -> float:
+    return [r["val_loss"] for r in metrics(run_dir) if "val_loss" in r][-1]
+
+
+@pytest.fixture
+def tiny_config() -> str:
+    return TINY

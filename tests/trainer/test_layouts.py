@@ -1,0 +1,62 @@
+"""Every parallel layout trains to the same losses as one process (same data, same init)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.conftest import losses, run_layouts, val_loss
+
+pytestmark = pytest.mark.slow
+
+STEPS = ["train.steps=5", "train.log_every=1", "train.eval_every=0", "checkpoint.save=false"]
+SAVE = "checkpoint.save=true"  # tp2 and pp2 checkpoints are reloaded at TP=1/PP=1 below
+FOUR_LAYERS = "model.num_layers=4"
+
+# name -> (ranks, reference, overrides)
+LAYOUTS = {
+    "tp2": (2, "ref2", ["parallel.tp=2", SAVE]),
+    "tp2_sequence_parallel": (2, "ref2", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "pp2_1f1b": (2, "ref2", ["parallel.pp=2", SAVE]),
+    "pp2_vpp2": (2, "ref4", ["parallel.pp=2", "parallel.vpp=2", FOUR_LAYERS]),
+    "dp2_distributed_optimizer": (2, "ref2", ["parallel.distributed_optimizer=true"]),
+    "tp2_pp2": (4, "ref4", ["parallel.tp=2", "parallel.pp=2", FOUR_LAYERS]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("layouts")
+    run_layouts(out, {"ref2": [], "ref4": [FOUR_LAYERS]}, *STEPS)
+    for nproc in (2, 4):
+        chosen = {name: o for name, (n, _, o) in LAYOUTS.items() if n == nproc}
+        run_layouts(out, chosen, *STEPS, nproc=nproc)
+    return out
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(runs: Path, name: str) -> None:
+    _, ref, _ = LAYOUTS[name]
+    expected, got = losses(runs / ref), losses(runs / name)
+    assert len(got) == len(expected) == 5
+    assert got == pytest.approx(expected, abs=1e-5, rel=0)
+    assert val_loss(runs / name) == pytest.approx(val_loss(runs / ref), abs=1e-5, rel=0)
+
+
+def test_losses_differ_between_models(runs: Path) -> None:
+    """The comparison can fail: a different model (4 layers) gives different losses."""
+    assert losses(runs / "ref2") != pytest.approx(losses(runs / "ref4"), abs=1e-5, rel=0)
+
+
+def test_checkpoints_load_under_another_layout(runs: Path) -> None:
+    """TP=2 and PP=2 checkpoints evaluated at TP=1, PP=1 give the validation loss they had."""
+    evals = {f"from_{name}": [f"init.checkpoint={runs / name / 'checkpoints'}", "train.steps=0",
+                              "checkpoint.save=false"]
+             for name in ("tp2", "pp2_1f1b")}
+    run_layouts(runs, evals)
+    for name in ("tp2", "pp2_1f1b"):
+        got = json.loads((runs / f"from_{name}" / "eval.json").read_text())["val_loss"]
+        assert got == pytest.approx(val_loss(runs / name), abs=1e-5, rel=0)
+    assert val_loss(runs / "tp2") != pytest.approx(val_loss(runs / "ref4"), abs=1e-3)

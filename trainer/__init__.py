@@ -1,0 +1,1 @@
+"""The megatron-core trainer: config, model, data, stages, the shared loop, checkpoints."""

@@ -1,0 +1,171 @@
+"""Checkpoints with megatron `dist_checkpointing`: atomic, resumable, loadable under a new layout.
+
+Layout on disk: `<dir>/step-00000042/` (one dist checkpoint) and `<dir>/latest` (its name). A save
+writes `<dir>/.partial-step-…/`, renames it into place and only then moves `latest`, so a crash at
+any moment leaves the previous checkpoint and `latest` intact. Tensors are stored by global name
+and offset, so a run with another TP/PP/DP layout loads the same checkpoint; the per-rank RNG
+state is restored only when the layout is unchanged (it has no meaning across layouts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import TYPE_CHECKING, Any
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel as mp
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from kiln.config import dump_yaml
+from kiln.errors import ConfigError
+from kiln.log import get_logger
+from kiln.paths import write_text
+from tensor_parallel import runtime
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+log = get_logger(__name__)
+
+LATEST = "latest"
+# Optimizer state in canonical per-parameter form: loadable under any TP/PP/DP layout.
+_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def checkpoint_root(cfg: Any) -> str:
+    return cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The directory `latest` names, or None when there is no complete checkpoint."""
+    marker = os.path.join(root, LATEST)
+    if not os.path.exists(marker):
+        return None
+    with open(marker, encoding="utf-8") as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    return path if os.path.isdir(path) else None
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory, or a checkpoints root (then its `latest`)."""
+    if os.path.exists(os.path.join(path, LATEST)):
+        found = latest_checkpoint(path)
+        if found is not None:
+            return found
+    if not os.path.exists(os.path.join(path, "metadata.json")):
+        raise ConfigError("init.checkpoint", f"{path} is not a checkpoint (no metadata.json/latest)")
+    return path
+
+
+def _layout_key() -> list[int]:
+    layout = runtime.layout()
+    return [layout.tp, layout.pp, layout.vpp or 1, layout.cp, layout.dp]
+
+
+def _rng_object() -> ShardedObject:
+    layout = runtime.layout()
+    state = {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if runtime.on_gpu() else None,
+             "tracker": mp.get_cuda_rng_tracker().get_states()}
+    return ShardedObject("rng_state", state, (layout.pp, layout.tp, layout.dp),
+                         (ps.get_pipeline_model_parallel_rank(), runtime.tp_rank(),
+                          runtime.dp_rank()), replica_id=0)
+
+
+def _model_state(model: list[torch.nn.Module]) -> dict[str, Any]:
+    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+
+
+def _state_dict(t: Trainer, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
+    model_sd = _model_state(t.model)
+    sd: dict[str, Any] = {"model": model_sd}
+    if with_optimizer:
+        sd["optimizer"] = t.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                       metadata=_METADATA)
+        sd["scheduler"] = t.scheduler.state_dict()
+        sd["train_state"] = dataclasses.asdict(t.state)
+        sd["layout"] = _layout_key()
+    if with_rng:
+        sd["rng_state"] = _rng_object()
+    return sd
+
+
+def save(t: Trainer) -> str:
+    """Save everything a resume needs; returns the checkpoint directory."""
+    root = checkpoint_root(t.cfg)
+    name = f"step-{t.state.step:08d}"
+    final = os.path.join(root, name)
+    partial = os.path.join(root, f".partial-{name}")
+    if runtime.rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    runtime.barrier()
+    sd = _state_dict(t, is_loading=False, with_optimizer=True, with_rng=True)
+    sd["config"] = dump_yaml(t.cfg)
+    dist_checkpointing.save(sd, partial)
+    runtime.barrier()
+    if runtime.rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        write_text(os.path.join(root, LATEST), name + "\n")
+        _prune(root, keep=t.cfg.checkpoint.keep_last, current=name)
+    runtime.barrier()
+    log.info("checkpoint saved: %s", final)
+    return final
+
+
+def _prune(root: str, keep: int, current: str) -> None:
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step-"))
+    for old in steps[:-keep] if keep > 0 else []:
+        if old != current:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    for d in os.listdir(root):  # leftovers of saves that crashed
+        if d.startswith(".partial-") and d != f".partial-{current}":
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def load_weights(model: list[torch.nn.Module], path: str) -> None:
+    """Only the model weights (e.g. `init.checkpoint`, evaluation under another layout)."""
+    sd = {"model": _model_state(model)}
+    loaded = dist_checkpointing.load(sd, path)
+    for i, chunk in enumerate(model):
+        chunk.load_state_dict(loaded["model"][f"chunk{i}"])
+
+
+def restore(t: Trainer) -> None:
+    """Resume from `<checkpoint dir>/latest`, else start from `init.checkpoint`, else do nothing."""
+    cfg = t.cfg
+    root = checkpoint_root(cfg)
+    path = latest_checkpoint(root) if cfg.checkpoint.resume else None
+    if path is None:
+        if cfg.init.checkpoint:
+            init = resolve(cfg.init.checkpoint)
+            load_weights(t.model, init)
+            log.info("initial weights from %s", init)
+        return
+    common = dist_checkpointing.load_common_state_dict(path)
+    same_layout = common.get("layout") == _layout_key()
+    sd = _state_dict(t, is_loading=True, with_optimizer=True, with_rng=same_layout)
+    loaded = dist_checkpointing.load(sd, path)
+    for i, chunk in enumerate(t.model):
+        chunk.load_state_dict(loaded["model"][f"chunk{i}"])
+    t.optimizer.load_state_dict(loaded["optimizer"])
+    t.scheduler.load_state_dict(loaded["scheduler"])
+    for key, value in loaded["train_state"].items():
+        setattr(t.state, key, value)
+    if same_layout:
+        rng = loaded["rng_state"]
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
+        mp.get_cuda_rng_tracker().set_states(rng["tracker"])
+    else:
+        log.warning("resuming under a new layout %s (saved %s): RNG streams restart",
+                    _layout_key(), common.get("layout"))
+    log.info("resumed from %s at step %d (%d samples consumed)", path, t.state.step,
+             t.state.consumed_samples)

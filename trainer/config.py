@@ -1,0 +1,156 @@
+"""The typed training config: one dataclass per concern, one section per stage.
+
+A run is `RunConfig` plus, for stages that need one, a section named after the stage (`dpo:`,
+`ppo:`...) whose dataclass the stage module declares as `Stage.options`. `load_run_config` reads
+`stage` first, builds the combined dataclass and loads the YAML with `kiln.config.load_config`, so
+a new stage adds its own section without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kiln.config import load_config, parse_override, read_yaml
+from kiln.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # KV heads; None = one per attention head
+    vocab_size: int | None = None  # None: from the data manifest's tokenizer
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int | None = None  # None: train.seq_length
+    rotary_base: int = 10000
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    fp8: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] | None = None
+    fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
+    recompute: Literal["none", "selective", "full"] = "none"
+    # Every weight a function of (seed, its global name, position): identical across TP/PP/DP
+    # layouts. Costs one full-tensor draw per layer on each rank: off for large models.
+    layout_independent_init: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    cp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam(W) through megatron's (distributed) optimizer."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule (megatron's `OptimizerParamScheduler`)."""
+
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # None: train.steps
+    style: Literal["cosine", "linear", "constant", "inverse-square-root"] = "cosine"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seq_length: int = 128
+    seed: int = 1234
+    log_every: int = 1
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 2  # global batches of the validation split per evaluation
+    save_every: int = 0  # 0: only at the end
+    max_bad_steps: int = 3  # consecutive NaN/Inf steps before the run stops
+
+
+@dataclass
+class DataConfig:
+    """Token shards: `manifest.json` files (or their directories), blended by weight."""
+
+    manifests: list[str] = field(default_factory=list)
+    weights: list[float] | None = None  # None: by token count
+    split: str = "95,5,0"  # train, valid, test
+    eod_mask_loss: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    save: bool = True  # false: never write checkpoints (quick experiments, tests)
+    dir: str | None = None  # None: <run_dir>/checkpoints
+    keep_last: int = 2
+    resume: bool = True  # continue from <dir>/latest when it exists
+
+
+@dataclass
+class InitConfig:
+    checkpoint: str | None = None  # start from these weights (e.g. a pretrained model)
+
+
+@dataclass
+class RunConfig:
+    stage: str = "pretrain"
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+
+def run_config_class(options: type | None, stage: str) -> type:
+    """`RunConfig` plus the stage's own section (named after the stage) when it has one."""
+    if options is None:
+        return RunConfig
+    return dataclasses.make_dataclass(
+        f"{stage.capitalize()}RunConfig",
+        [(stage, options, field(default_factory=options))], bases=(RunConfig,))
+
+
+def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> Any:
+    """Read `stage`, then load the whole file into `RunConfig` + that stage's section."""
+    from trainer.stages import stage_class
+
+    stage = "pretrain"
+    if path is not None:
+        stage = read_yaml(path).get("stage", stage)
+    for item in overrides:
+        key, value = parse_override(item)
+        if key == "stage":
+            stage = value
+    if not isinstance(stage, str):
+        raise ConfigError("stage", f"expected a stage name, got {stage!r}")
+    options = stage_class(stage).options
+    return load_config(run_config_class(options, stage), path, overrides)

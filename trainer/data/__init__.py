@@ -1,0 +1,1 @@
+"""Training data readers: pretraining token shards (`pretrain`) and their manifests."""

@@ -1,0 +1,262 @@
+"""The one training loop every stage shares: megatron schedules, DDP, (distributed) Adam, LR
+schedule, clipping, bad-step skipping, evaluation, metrics and checkpoints.
+
+Loss normalisation: stages return loss *sums* and unit counts per micro-batch; megatron's
+`calculate_per_token_loss` path divides the summed gradient by the units of the whole global batch
+(all micro-batches, all DP ranks), so gradient accumulation is exactly a larger batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from kiln.errors import UsageError
+from kiln.log import get_logger
+from kiln.paths import write_text
+from kiln.progress import counter
+from tensor_parallel import check_model_fits, micro_batches_per_step, runtime
+from trainer import checkpoint
+from trainer.config import RunConfig
+from trainer.metrics import MetricsWriter, flops_per_token, peak_memory_gb, peak_tflops
+from trainer.model import check_model_config, padded_vocab_size
+from trainer.stages import Stage, stage_class
+
+log = get_logger(__name__)
+
+
+@dataclass
+class TrainState:
+    """What besides weights and optimizer a resumed run needs to continue exactly."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+
+
+class BadStepsError(UsageError):
+    """Too many consecutive steps with a NaN/Inf loss or gradient."""
+
+    exit_code = 1
+
+
+@dataclass
+class Trainer:
+    cfg: RunConfig
+    stage: Stage
+    model: list[torch.nn.Module]
+    optimizer: Any
+    scheduler: OptimizerParamScheduler
+    state: TrainState
+    micro_batches: int
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = self.stage.forward(model, batch)
+        return output, partial(self._loss, batch)
+
+    def _loss(self, batch, output):
+        loss_sum, count, metrics = self.stage.loss(output, batch)
+        # The schedule may scale the returned loss in place: report a copy.
+        report = {"loss": loss_sum.detach().clone(), "count": count.detach().clone()}
+        report.update({k: v.detach().clone() for k, v in metrics.items()})
+        return loss_sum, count, report
+
+    def _run_schedule(self, iterators, num_micro: int, forward_only: bool) -> list[dict]:
+        cfg = self.cfg
+        return get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iterators, model=self.model,
+            num_microbatches=num_micro, seq_length=cfg.train.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size, forward_only=forward_only)
+
+    def _reduce(self, reports: list[dict]) -> dict[str, float] | None:
+        """Sum micro-batch reports over DP (last pipeline stage only); per-unit means."""
+        if not runtime.is_last_stage():
+            return None
+        keys = list(reports[0])
+        totals = torch.stack([sum(r[k].double() for r in reports) for k in keys])
+        runtime.dp_all_reduce(totals)
+        values = dict(zip(keys, totals.tolist(), strict=True))
+        count = max(values.pop("count"), 1.0)
+        return {k: v / count for k, v in values.items()}
+
+    def _grads_finite(self, reduced: dict[str, float] | None) -> bool:
+        bad = 0.0
+        if reduced is not None and not math.isfinite(reduced["loss"]):
+            bad = 1.0
+        for chunk in self.model:
+            for buffer in chunk.buffers:
+                if not torch.isfinite(buffer.grad_data).all():
+                    bad = 1.0
+        flag = torch.tensor([bad], device=runtime.device())
+        return runtime.all_reduce_max(flag).item() == 0.0
+
+    def train_step(self, iterators) -> tuple[bool, dict[str, float] | None]:
+        """One optimizer step; (applied, metrics on the last pipeline stage else None)."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._run_schedule(iterators, self.micro_batches, forward_only=False)
+        reduced = self._reduce(reports)
+        self.state.step += 1
+        self.state.consumed_samples += self.cfg.train.global_batch_size
+        if not self._grads_finite(reduced):
+            return False, reduced
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        if reduced is not None:
+            reduced["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        return True, reduced
+
+    def evaluate(self) -> float | None:
+        """Mean validation loss per unit over the fixed validation batches."""
+        chunks = len(self.model)
+        iterators = [self.stage.valid_batches() for _ in range(chunks)]
+        if iterators[0] is None:
+            return None
+        for chunk in self.model:
+            chunk.eval()
+        with torch.no_grad():
+            reports = self._run_schedule(iterators if chunks > 1 else iterators[0],
+                                         self.micro_batches * self.cfg.train.eval_batches,
+                                         forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        reduced = self._reduce(reports)
+        return reduced["loss"] if reduced is not None else None
+
+
+def build_trainer(cfg: RunConfig) -> Trainer:
+    """Stage, model chunks (DDP-wrapped), optimizer and scheduler for an initialised runtime."""
+    layout = runtime.layout()
+    m = cfg.model
+    check_model_fits(layout, num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                     num_query_groups=m.num_query_groups or m.num_attention_heads,
+                     seq_length=cfg.train.seq_length, sequence_parallel=cfg.parallel.sequence_parallel)
+    micro = micro_batches_per_step(layout, global_batch_size=cfg.train.global_batch_size,
+                                   micro_batch_size=cfg.train.micro_batch_size)
+    check_model_config(cfg)
+    stage = stage_class(cfg.stage)(cfg)
+    stage.setup()
+    vocab = padded_vocab_size(stage.vocab_size(), m.make_vocab_size_divisible_by, layout.tp)
+    chunks = stage.build_model(vocab)
+    tcfg = chunks[0].config
+    if m.precision == "bf16":
+        chunks = [Float16Module(tcfg, c) for c in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+    model = [DistributedDataParallel(tcfg, ddp_config, c, disable_bucketing=i > 0)
+             for i, c in enumerate(chunks)]
+    o = cfg.optimizer
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, bf16=m.precision == "bf16", params_dtype=tcfg.params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather), model)
+    s = cfg.schedule
+    decay = s.decay_steps or cfg.train.steps
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if s.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=s.warmup_steps, lr_decay_steps=max(decay, s.warmup_steps + 1),
+        lr_decay_style=s.style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=max(decay, 1), wd_incr_style="constant")
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.grad_scale_func = optimizer.scale_loss
+    if cfg.parallel.overlap_grad_reduce:
+        tcfg.no_sync_func = [c.no_sync for c in model]
+        tcfg.grad_sync_func = [c.start_grad_sync for c in model]
+    if cfg.parallel.overlap_param_gather:
+        tcfg.param_sync_func = [c.start_param_sync for c in model]
+    return Trainer(cfg, stage, model, optimizer, scheduler, TrainState(), micro)
+
+
+def train(cfg: RunConfig) -> TrainState:
+    """Train `cfg.train.steps` steps (resuming from the latest checkpoint when there is one)."""
+    t = build_trainer(cfg)
+    checkpoint.restore(t)
+    writer = MetricsWriter(cfg.run_dir, runtime.is_logging_rank(), start_step=t.state.step)
+    m, tr = cfg.model, cfg.train
+    flops = flops_per_token(num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.ffn_hidden_size,
+                            heads=m.num_attention_heads,
+                            kv_heads=m.num_query_groups or m.num_attention_heads,
+                            vocab=padded_vocab_size(t.stage.vocab_size(),
+                                                    m.make_vocab_size_divisible_by, cfg.parallel.tp),
+                            seq_length=tr.seq_length)
+    peak = peak_tflops(m.fp8 is not None)
+    if t.state.step >= tr.steps:  # nothing to train: evaluate the loaded weights
+        val = t.evaluate()
+        if runtime.is_logging_rank() and val is not None:
+            write_text(os.path.join(cfg.run_dir, "eval.json"),
+                       json.dumps({"step": t.state.step, "val_loss": val}) + "\n")
+        return t.state
+    chunks = len(t.model)
+    iters = [t.stage.train_batches(t.state.consumed_samples) for _ in range(chunks)]
+    iterator = iters if chunks > 1 else iters[0]
+    bad_in_a_row, tokens, started = 0, 0, time.perf_counter()
+    with counter(f"{cfg.stage}", total=tr.steps, enabled=runtime.is_logging_rank()) as progress:
+        progress.advance(t.state.step)
+        while t.state.step < tr.steps:
+            t.stage.before_step(t.state.step, t.model)
+            applied, result = t.train_step(iterator)
+            step = t.state.step
+            tokens += tr.global_batch_size * tr.seq_length
+            if not applied:
+                t.state.skipped_steps += 1
+                bad_in_a_row += 1
+                log.warning("step %d: NaN/Inf loss or gradient, update skipped (%d in a row)",
+                            step, bad_in_a_row)
+                if bad_in_a_row >= tr.max_bad_steps:
+                    raise BadStepsError(f"stopping at step {step}: {bad_in_a_row} consecutive "
+                                        "steps had a NaN/Inf loss or gradient")
+            else:
+                bad_in_a_row = 0
+            record: dict[str, Any] = {}
+            last = step == tr.steps
+            if step % tr.log_every == 0 or last:
+                elapsed = time.perf_counter() - started
+                tps = tokens / max(elapsed, 1e-9) / runtime.world_size()
+                record = {"step": step, "lr": t.scheduler.get_lr(t.optimizer.param_groups[0]),
+                          "tokens_per_s_per_rank": tps, "tflops_per_rank": tps * flops / 1e12,
+                          "peak_memory_gb": peak_memory_gb(),
+                          "skipped_steps": t.state.skipped_steps,
+                          "consumed_samples": t.state.consumed_samples}
+                if peak:
+                    record["mfu"] = record["tflops_per_rank"] / peak
+                record.update(result or {"loss": float("nan")})
+                tokens, started = 0, time.perf_counter()
+            if (tr.eval_every and step % tr.eval_every == 0) or last:
+                val = t.evaluate()
+                if val is not None:
+                    record.setdefault("step", step)
+                    record["val_loss"] = val
+            if record and runtime.is_logging_rank():
+                writer.write(record)
+                progress.set(**{k: record[k] for k in ("loss", "val_loss") if k in record})
+            progress.advance(1)
+            if cfg.checkpoint.save and ((tr.save_every and step % tr.save_every == 0) or last):
+                checkpoint.save(t)
+    writer.close()
+    return t.state
+
+
+__all__ = ["BadStepsError", "TrainState", "Trainer", "build_trainer", "train"]

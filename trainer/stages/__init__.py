@@ -1,0 +1,92 @@
+"""Training stages: what each one plugs into the one shared loop (`trainer.loop.train`).
+
+A stage `foo` lives in `trainer/stages/foo.py` and exports `STAGE`, a `Stage` subclass; its own
+config section (if any) is the dataclass `STAGE.options`, read from the YAML key `foo:`. The loop
+owns everything else: parallel layout, megatron schedules, DDP, optimizer, LR schedule, clipping,
+bad-step skipping, evaluation, metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+
+from kiln.errors import ConfigError
+
+Batch = dict[str, torch.Tensor]
+# (sum of the loss over this micro-batch's units, number of units, {metric: sum over the units}).
+# "Units" are what the loss averages over: tokens for LM losses, pairs for DPO, sequences for RM.
+LossOutput = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+class Stage:
+    """Base class: data, model and loss of one stage. Subclasses override what differs.
+
+    Call order: `setup()` once (after the distributed runtime is up), `build_model()` once, then
+    per step `before_step(step, model)` and, per micro-batch, `forward(model_chunk, batch)` on
+    every pipeline stage and `loss(output, batch)` on the last one.
+    """
+
+    name: ClassVar[str]
+    options: ClassVar[type | None] = None
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        """Open the data (every rank) and anything else the stage needs before the model."""
+
+    def vocab_size(self) -> int:
+        """Unpadded vocabulary size of the data's tokenizer (the loop pads it for TP)."""
+        raise NotImplementedError
+
+    def build_model(self, padded_vocab_size: int) -> list[torch.nn.Module]:
+        """This rank's model chunks; default: the Llama-style GPT of `cfg.model`."""
+        from trainer.model import build_gpt_chunks
+
+        return build_gpt_chunks(self.cfg, padded_vocab_size)
+
+    def train_batches(self, start_sample: int) -> Iterator[Batch]:
+        """This DP rank's training micro-batches, from global sample `start_sample` on."""
+        raise NotImplementedError
+
+    def valid_batches(self) -> Iterator[Batch] | None:
+        """This DP rank's validation micro-batches (the same ones at every evaluation)."""
+        return None
+
+    def before_step(self, step: int, model: list[torch.nn.Module]) -> None:
+        """Hook before each optimizer step (rollouts for PPO/GRPO, reference refresh...)."""
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """One model chunk on one micro-batch. Default: causal LM with per-token loss."""
+        return model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                     attention_mask=None, labels=batch["labels"])
+
+    def loss(self, output: torch.Tensor, batch: Batch) -> LossOutput:
+        """Last pipeline stage only. Default: token-level cross-entropy under `loss_mask`."""
+        mask = batch["loss_mask"]
+        loss_sum = (output.float() * mask).sum()
+        return loss_sum, mask.sum().to(torch.int), {}
+
+    def tokens_in(self, batch: Batch) -> int:
+        """Tokens this micro-batch costs in compute (for tokens/s and TFLOP/s)."""
+        return int(batch["tokens"].numel())
+
+
+def stage_class(name: str) -> type[Stage]:
+    """The `Stage` subclass of `trainer/stages/<name>.py`."""
+    if not name.isidentifier():
+        raise ConfigError("stage", f"not a stage name: {name!r}")
+    try:
+        module = importlib.import_module(f"trainer.stages.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"trainer.stages.{name}":
+            raise
+        raise ConfigError("stage", f"unknown stage {name!r} (no trainer/stages/{name}.py)") from None
+    stage = getattr(module, "STAGE", None)
+    if not (isinstance(stage, type) and issubclass(stage, Stage)):
+        raise ConfigError("stage", f"trainer/stages/{name}.py defines no STAGE class")
+    return stage

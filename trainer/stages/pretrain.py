@@ -1,0 +1,42 @@
+"""Pretraining: next-token cross-entropy on blended Megatron token shards."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from tensor_parallel import runtime
+from trainer.data.pretrain import TokenData, build_token_data, micro_batches
+from trainer.stages import Batch, Stage
+
+
+class PretrainStage(Stage):
+    name = "pretrain"
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        train, data = cfg.train, cfg.data
+        evals = (train.steps // train.eval_every if train.eval_every else 0) + 1
+        self.data: TokenData = build_token_data(
+            data.manifests, data.weights, data.split, seq_length=train.seq_length,
+            seed=train.seed, train_samples=train.steps * train.global_batch_size,
+            valid_samples=evals * train.eval_batches * train.global_batch_size,
+            cache_dir=os.path.join(cfg.run_dir, "cache", "data"),
+            eod_mask_loss=data.eod_mask_loss)
+
+    def vocab_size(self) -> int:
+        return self.cfg.model.vocab_size or self.data.vocab_size
+
+    def _batches(self, dataset, start_sample: int) -> Iterator[Batch]:
+        return micro_batches(dataset, start_sample=start_sample,
+                             micro_batch_size=self.cfg.train.micro_batch_size,
+                             dp_rank=runtime.dp_rank(), dp_size=runtime.dp_size())
+
+    def train_batches(self, start_sample: int) -> Iterator[Batch]:
+        return self._batches(self.data.train, start_sample)
+
+    def valid_batches(self) -> Iterator[Batch] | None:
+        return self._batches(self.data.valid, 0) if self.data.valid is not None else None
+
+
+STAGE = PretrainStage
