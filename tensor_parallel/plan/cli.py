@@ -1,0 +1,141 @@
+"""`kiln plan` command line: the ranked table (rich) or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+from kiln.config import from_dict, read_yaml
+from kiln.errors import UsageError
+from tensor_parallel.plan.memory import (
+    GIB,
+    NAMED_MODELS,
+    RECOMPUTE_MODES,
+    ModelShape,
+    TrainingSetup,
+    count_parameters,
+)
+from tensor_parallel.plan.ranking import Plan, plan_layouts
+
+
+def load_model(spec: str) -> ModelShape:
+    """A named size (`llama-8b`) or a trainer YAML whose `model:` section gives the shape."""
+    if spec in NAMED_MODELS:
+        return NAMED_MODELS[spec]
+    if not spec.endswith((".yaml", ".yml")):
+        raise UsageError(f"--model '{spec}' is neither a known size "
+                         f"({', '.join(NAMED_MODELS)}) nor a .yaml config")
+    section = read_yaml(spec).get("model")
+    if not isinstance(section, dict):
+        raise UsageError(f"{spec}: no 'model:' section")
+    known = {f.name for f in dataclasses.fields(ModelShape)}
+    # The trainer's model section has more keys (rope base, init...): take the ones shapes need.
+    shape = from_dict(ModelShape, {k: v for k, v in section.items() if k in known}, prefix="model")
+    return dataclasses.replace(shape, name=spec)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def plan_rows(plans: Sequence[Plan]) -> list[dict]:
+    """Machine-readable view of ranked plans (what `--json` prints)."""
+    rows = []
+    for rank, plan in enumerate(plans, 1):
+        est, stage = plan.estimate, plan.estimate.heaviest
+        rows.append({
+            "rank": rank, "tp": plan.layout.tp, "pp": plan.layout.pp, "vpp": plan.layout.vpp,
+            "dp": plan.layout.dp, "sequence_parallel": plan.layout.sequence_parallel,
+            "num_microbatches": est.num_microbatches, "params_per_gpu": stage.params,
+            "weights_bytes": stage.weights, "gradients_bytes": stage.gradients,
+            "optimizer_bytes": stage.optimizer,
+            "optimizer_distributed_bytes": stage.optimizer_distributed,
+            "activations_bytes": {r: est.activations(r) for r in RECOMPUTE_MODES},
+            "distributed_optimizer": plan.distributed_optimizer, "recompute": plan.recompute,
+            "peak_bytes": plan.peak_bytes, "fits": plan.fits,
+            "throughput_proxy": round(plan.throughput, 4),
+        })
+    return rows
+
+
+def print_table(plans: Sequence[Plan], title: str, top: int | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for name in ("#", "layout", "m", "params/GPU", "weights", "grads", "optim", "optim ZeRO-1",
+                 "act none", "act sel", "act full", "setting", "peak GiB", "fits", "speed"):
+        table.add_column(name, justify="left" if name in ("layout", "setting") else "right")
+    for row, plan in zip(plan_rows(plans)[:top], plans[:top], strict=False):
+        act = row["activations_bytes"]
+        setting = ("ZeRO-1" if plan.distributed_optimizer else "Adam") + f" + {plan.recompute}"
+        table.add_row(
+            str(row["rank"]), str(plan.layout), str(row["num_microbatches"]),
+            f"{row['params_per_gpu'] / 1e9:.2f}B", _gib(row["weights_bytes"]),
+            _gib(row["gradients_bytes"]), _gib(row["optimizer_bytes"]),
+            _gib(row["optimizer_distributed_bytes"]), _gib(act["none"]), _gib(act["selective"]),
+            _gib(act["full"]), setting, _gib(plan.peak_bytes), "yes" if plan.fits else "NO",
+            f"{plan.throughput:.3f}",
+        )
+    Console(width=max(160, Console().width)).print(table)
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kiln plan", description="rank TP/PP/DP layouts by estimated memory per GPU")
+    parser.add_argument("--model", required=True,
+                        help=f"{', '.join(NAMED_MODELS)} or a trainer YAML config with a model: section")
+    parser.add_argument("--gpus", type=int, required=True)
+    parser.add_argument("--gpu-memory-gb", type=float, required=True, help="memory per GPU in GiB (an 80 GB H100 has 79.6 GiB)")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--seq-length", type=int, help="default: the model's seq_length")
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--global-batch-size", type=int, default=512)
+    parser.add_argument("--dtype", choices=["bf16", "fp8", "fp32"], default="bf16")
+    parser.add_argument("--backend", choices=["te", "local"], default="te",
+                        help="te: Transformer Engine kernels (GPU); local: megatron local spec (CPU)")
+    parser.add_argument("--reserve-gb", type=float, default=4.0,
+                        help="GiB kept free for CUDA context, NCCL buffers and fragmentation")
+    parser.add_argument("--top", type=int, default=25, help="rows to print (0: all)")
+    parser.add_argument("--json", action="store_true", help="print every ranked layout as JSON")
+    args = parser.parse_args(argv)
+
+    model = load_model(args.model)
+    for flag in ("gpus", "gpus_per_node", "micro_batch_size", "global_batch_size"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
+    if args.gpu_memory_gb <= args.reserve_gb:
+        raise UsageError("--gpu-memory-gb must exceed --reserve-gb")
+    setup = TrainingSetup(args.seq_length or model.seq_length, args.micro_batch_size,
+                          args.global_batch_size, args.dtype, args.backend)
+    plans, rejected = plan_layouts(model, args.gpus, args.gpu_memory_gb, setup,
+                                   args.gpus_per_node, args.reserve_gb)
+    if not plans:
+        reasons = "; ".join(f"{n} x {why}" for why, n in sorted(rejected.items()))
+        raise UsageError(f"no valid layout of {model.name} on {args.gpus} GPUs ({reasons})")
+    fitting = sum(p.fits for p in plans)
+    if args.json:
+        print(json.dumps({"model": dataclasses.asdict(model), "setup": dataclasses.asdict(setup),
+                          "gpus": args.gpus, "gpu_memory_gb": args.gpu_memory_gb,
+                          "parameters": count_parameters(model), "fitting": fitting,
+                          "rejected": rejected, "layouts": plan_rows(plans)}, indent=1))
+    else:
+        title = (f"{model.name}: {count_parameters(model) / 1e9:.2f}B parameters on {args.gpus} x "
+                 f"{args.gpu_memory_gb:g} GiB, seq {setup.seq_length}, micro-batch "
+                 f"{setup.micro_batch_size}, global batch {setup.global_batch_size}, {setup.dtype}, "
+                 f"{setup.backend} kernels; GiB per GPU on the most loaded stage; fits: peak <= "
+                 f"{args.gpu_memory_gb - args.reserve_gb:g} GiB ({args.reserve_gb:g} reserved)")
+        print_table(plans, title, args.top or None)
+        if rejected:
+            print("invalid layouts skipped: "
+                  + "; ".join(f"{n} x {why}" for why, n in sorted(rejected.items())))
+    if not fitting:
+        best = min(plans, key=lambda p: p.peak_bytes)
+        print(f"error: no layout fits in {args.gpu_memory_gb:g} GiB per GPU "
+              f"(minus {args.reserve_gb:g} reserved); the smallest, {best.layout} with "
+              f"{best.recompute} recomputation, needs {_gib(best.peak_bytes)} GiB", file=sys.stderr)
+        return 2
+    return 0
+
