@@ -25,7 +25,9 @@ from schemas.shards import read_arrow_shard
 class ShardSet:
     """The rows of one dataset directory, checked against the expected contract and tokenizer."""
 
-    def __init__(self, directory: str, expected: Sequence[str], fingerprint: str | None) -> None:
+    def __init__(self, directory: str, expected: Sequence[str], fingerprint: str | None,
+                 fingerprint_key: str = "tokenizer") -> None:
+        """`fingerprint_key`: the config key that sets `fingerprint` (named in the refusal)."""
         self.directory = directory
         try:
             manifest = read_manifest(directory)
@@ -56,7 +58,7 @@ class ShardSet:
                 raise DataError(
                     f"tokenizer fingerprint {shard_fp} does not match the model's tokenizer "
                     f"{fingerprint}: re-tokenize the data with the model's tokenizer (kiln sft/"
-                    "preference --tokenizer TOK_DIR) or set tokenizer.fingerprint to the "
+                    f"preference --tokenizer TOK_DIR) or set {fingerprint_key} to the "
                     "tokenizer the checkpoint was trained with", path=path,
                     field="kiln.tokenizer_fingerprint")
             tables.append(table)
@@ -129,6 +131,15 @@ def _pad_to(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
 
 
+def _length(longest: int, seq_len: int | None, max_len: int | None, multiple: int) -> int:
+    """`seq_len` when fixed (pipeline parallelism needs one shape), else the longest input
+    rounded up to `multiple`, capped at `max_len` (longer rows are cut)."""
+    if seq_len is not None:
+        return seq_len
+    s = _pad_to(max(longest, 1), multiple)
+    return min(s, max_len) if max_len is not None else s
+
+
 def _shifted(tokens: np.ndarray, mask: np.ndarray, seq_len: int,
              pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inputs, next-token labels and their loss mask for one sequence, padded to seq_len."""
@@ -159,11 +170,12 @@ class Batch:
     extra: dict[str, np.ndarray] | None = None
 
 
-def collate_sft(rows: Sequence[dict], seq_len: int | None, pad_id: int, multiple: int = 8) -> Batch:
+def collate_sft(rows: Sequence[dict], seq_len: int | None, pad_id: int, multiple: int = 8,
+                max_len: int | None = None) -> Batch:
     """Plain (`sft`) or packed (`sft_packed`) rows -> a batch; packed rows get a block-diagonal
     causal mask and positions restarting at each conversation, and no loss across boundaries."""
     longest = max(len(r["input_ids"]) for r in rows) - 1
-    s = seq_len if seq_len is not None else _pad_to(max(longest, 1), multiple)
+    s = _length(longest, seq_len, max_len, multiple)
     b = len(rows)
     tokens, labels, loss_mask = (np.zeros((b, s), np.int64), np.zeros((b, s), np.int64),
                                  np.zeros((b, s), np.float32))
@@ -185,13 +197,14 @@ def collate_sft(rows: Sequence[dict], seq_len: int | None, pad_id: int, multiple
 
 
 def collate_completions(prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray],
-                        seq_len: int | None, pad_id: int, multiple: int = 8) -> Batch:
+                        seq_len: int | None, pad_id: int, multiple: int = 8,
+                        max_len: int | None = None) -> Batch:
     """prompt + completion rows, loss on completion targets only (right padding)."""
     seqs = [np.concatenate([p, c]) for p, c in zip(prompts, completions, strict=True)]
     masks = [np.concatenate([np.zeros(len(p)), np.ones(len(c))])
              for p, c in zip(prompts, completions, strict=True)]
     longest = max(len(x) for x in seqs) - 1
-    s = seq_len if seq_len is not None else _pad_to(max(longest, 1), multiple)
+    s = _length(longest, seq_len, max_len, multiple)
     b = len(seqs)
     tokens, labels, loss_mask = (np.zeros((b, s), np.int64), np.zeros((b, s), np.int64),
                                  np.zeros((b, s), np.float32))
@@ -201,22 +214,28 @@ def collate_completions(prompts: Sequence[np.ndarray], completions: Sequence[np.
     return Batch(tokens, labels, loss_mask, positions)
 
 
-def collate_preference(rows: Sequence[dict], seq_len: int | None, pad_id: int) -> Batch:
+def collate_preference(rows: Sequence[dict], seq_len: int | None, pad_id: int,
+                       max_len: int | None = None) -> Batch:
     """Chosen rows then rejected rows in one batch (one forward for both): [2b, s]."""
     prompts = [r["prompt_ids"] for r in rows]
     batch = collate_completions(prompts + prompts, [r["chosen_ids"] for r in rows]
-                                + [r["rejected_ids"] for r in rows], seq_len, pad_id)
+                                + [r["rejected_ids"] for r in rows], seq_len, pad_id,
+                                max_len=max_len)
     margins = np.array([r.get("margin") or 0.0 for r in rows], dtype=np.float32)
     batch.extra = {"margin": margins}
     return batch
 
 
-def collate_unpaired(rows: Sequence[dict], seq_len: int | None, pad_id: int) -> Batch:
-    """KTO: the b examples, then b mismatched (prompt i, completion i+1) pairs whose log-probs
-    estimate the batch KL baseline, as TRL's KTOTrainer does."""
+def collate_unpaired(rows: Sequence[dict], kl_rows: Sequence[dict], seq_len: int | None,
+                     pad_id: int, max_len: int | None = None) -> Batch:
+    """KTO: the b examples, then b mismatched (prompt of row i, completion of `kl_rows[i]`) pairs
+    whose log-probs estimate the batch KL baseline. TRL's KTOTrainer pairs each prompt with
+    another example's completion; the caller picks the partner, and a partner fixed per row (the
+    next row of the dataset) lets the reference log-probs of the mismatched pairs be precomputed."""
     prompts = [r["prompt_ids"] for r in rows]
     completions = [r["completion_ids"] for r in rows]
-    shifted = completions[1:] + completions[:1]
-    batch = collate_completions(prompts + prompts, completions + shifted, seq_len, pad_id)
+    shifted = [r["completion_ids"] for r in kl_rows]
+    batch = collate_completions(prompts + prompts, completions + shifted, seq_len, pad_id,
+                                max_len=max_len)
     batch.extra = {"label": np.array([bool(r["label"]) for r in rows])}
     return batch

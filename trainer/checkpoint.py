@@ -129,12 +129,28 @@ def _prune(root: str, keep: int, current: str) -> None:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
-def load_weights(model: list[torch.nn.Module], path: str) -> None:
-    """Only the model weights (e.g. `init.checkpoint`, evaluation under another layout)."""
+def load_weights(model: list[torch.nn.Module], path: str, new: tuple[str, ...] = ()) -> None:
+    """Only the model weights (e.g. `init.checkpoint`, evaluation under another layout).
+
+    Tensors whose key starts with a prefix in `new` and that the checkpoint lacks keep their
+    initialisation (a reward head on a language-model checkpoint); anything else missing fails.
+    """
     sd = {"model": _model_state(model)}
+    fresh: list[set[str]] = [set() for _ in model]
+    if new:
+        stored = dist_checkpointing.load_tensors_metadata(path)
+        for i, chunk_sd in enumerate(sd["model"].values()):
+            for name, value in list(chunk_sd.items()):
+                key = getattr(value, "key", "")
+                if key.startswith(new) and key not in stored:
+                    del chunk_sd[name]
+                    fresh[i].add(name)
     loaded = dist_checkpointing.load(sd, path)
     for i, chunk in enumerate(model):
-        chunk.load_state_dict(loaded["model"][f"chunk{i}"])
+        # dist_checkpointing has already failed on anything else missing from the checkpoint
+        chunk.load_state_dict(loaded["model"][f"chunk{i}"], strict=not fresh[i])
+        if fresh[i]:
+            log.info("new weights, not in %s: %s", path, ", ".join(sorted(fresh[i])))
 
 
 def restore(t: Trainer) -> None:
@@ -145,7 +161,7 @@ def restore(t: Trainer) -> None:
     if path is None:
         if cfg.init.checkpoint:
             init = resolve(cfg.init.checkpoint)
-            load_weights(t.model, init)
+            load_weights(t.model, init, new=t.stage.new_weights)
             log.info("initial weights from %s", init)
         return
     common = dist_checkpointing.load_common_state_dict(path)

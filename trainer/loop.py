@@ -84,7 +84,8 @@ class Trainer:
         return get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iterators, model=self.model,
             num_microbatches=num_micro, seq_length=cfg.train.seq_length,
-            micro_batch_size=cfg.train.micro_batch_size, forward_only=forward_only)
+            micro_batch_size=cfg.train.micro_batch_size * self.stage.sequences_per_sample,
+            forward_only=forward_only)
 
     def _reduce(self, reports: list[dict]) -> dict[str, float] | None:
         """Sum micro-batch reports over DP (last pipeline stage only); per-unit means."""
@@ -125,8 +126,8 @@ class Trainer:
             reduced["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return True, reduced
 
-    def evaluate(self) -> float | None:
-        """Mean validation loss per unit over the fixed validation batches."""
+    def evaluate(self) -> dict[str, float] | None:
+        """Validation loss and stage metrics per unit over the fixed validation batches."""
         chunks = len(self.model)
         iterators = [self.stage.valid_batches() for _ in range(chunks)]
         if iterators[0] is None:
@@ -139,8 +140,7 @@ class Trainer:
                                          forward_only=True)
         for chunk in self.model:
             chunk.train()
-        reduced = self._reduce(reports)
-        return reduced["loss"] if reduced is not None else None
+        return self._reduce(reports)
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
@@ -206,8 +206,8 @@ def train(cfg: RunConfig) -> TrainState:
     if t.state.step >= tr.steps:  # nothing to train: evaluate the loaded weights
         val = t.evaluate()
         if runtime.is_logging_rank() and val is not None:
-            write_text(os.path.join(cfg.run_dir, "eval.json"),
-                       json.dumps({"step": t.state.step, "val_loss": val}) + "\n")
+            record = {"step": t.state.step, **{f"val_{k}": v for k, v in val.items()}}
+            write_text(os.path.join(cfg.run_dir, "eval.json"), json.dumps(record) + "\n")
         return t.state
     chunks = len(t.model)
     iters = [t.stage.train_batches(t.state.consumed_samples) for _ in range(chunks)]
@@ -248,7 +248,7 @@ def train(cfg: RunConfig) -> TrainState:
                 val = t.evaluate()
                 if val is not None:
                     record.setdefault("step", step)
-                    record["val_loss"] = val
+                    record.update({f"val_{k}": v for k, v in val.items()})
             if record and runtime.is_logging_rank():
                 writer.write(record)
                 progress.set(**{k: record[k] for k in ("loss", "val_loss") if k in record})

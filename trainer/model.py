@@ -107,14 +107,18 @@ def _layer_spec(cfg: RunConfig, config: TransformerConfig, vp_stage: int | None)
     return spec
 
 
-def build_gpt_chunks(cfg: RunConfig, vocab_size: int) -> list[GPTModel]:
-    """This rank's model chunks (one, or `vpp` with interleaved pipelining), initialised."""
+def build_gpt_chunks(cfg: RunConfig, vocab_size: int,
+                     model_class: type[GPTModel] = GPTModel) -> list[GPTModel]:
+    """This rank's model chunks (one, or `vpp` with interleaved pipelining), initialised.
+
+    `model_class`: a `GPTModel` subclass with the same constructor (e.g. a reward model's).
+    """
     config = transformer_config(cfg)
     chunks = []
     vpp = cfg.parallel.vpp if cfg.parallel.vpp and cfg.parallel.vpp > 1 else None
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        chunk = GPTModel(
+        chunk = model_class(
             config=config, transformer_layer_spec=_layer_spec(cfg, config, stage),
             vocab_size=vocab_size,
             max_sequence_length=cfg.model.max_position_embeddings or cfg.train.seq_length,

@@ -79,6 +79,6 @@ def test_preference_and_unpaired_collate_layout():
     assert b.loss_mask[0].sum() == 3 and b.loss_mask[2].sum() == 4
     un = [{"prompt_ids": np.array([2, 5, 6]), "completion_ids": np.array([40 + i, 3]), "label": i % 2 == 0}
           for i in range(3)]
-    k = collate_unpaired(un, None, pad_id=0)
+    k = collate_unpaired(un, un[1:] + un[:1], None, pad_id=0)
     assert k.tokens.shape[0] == 6 and k.extra["label"].tolist() == [True, False, True]
     assert k.labels[3, 2] == 41  # KL pair 0 uses completion 1

@@ -1,0 +1,143 @@
+"""What every post-training stage shares: the checked Arrow shard set, its train/valid split,
+data-parallel micro-batches as tensors, and per-token log-probs from vocab-parallel logits.
+
+Data keys: `data.manifests` names one dataset directory (written by `kiln sft` or
+`kiln preference`), `data.split` splits its rows in order into train/valid/test like pretraining,
+and `<stage>.tokenizer` is the model's tokenizer (its directory, or the fingerprint itself):
+shards made with another tokenizer are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from kiln.errors import ConfigError
+from tensor_parallel import runtime
+from tensor_parallel.vocab_parallel import vocab_parallel_log_probs
+from trainer.chat_data import Batch as ArrayBatch
+from trainer.chat_data import DistributedSampler, ShardSet
+from trainer.stages import Batch, LossOutput, Stage
+
+
+@dataclass
+class ChatOptions:
+    # The model's tokenizer: a tokenizer directory (its fingerprint.txt) or the sha256 fingerprint.
+    # None: shards are not checked against it.
+    tokenizer: str | None = None
+
+
+def expected_fingerprint(tokenizer: str | None) -> str | None:
+    if tokenizer is None:
+        return None
+    path = os.path.join(tokenizer, "fingerprint.txt")
+    if os.path.isdir(tokenizer):
+        if not os.path.exists(path):
+            raise ConfigError("tokenizer", f"{tokenizer} has no fingerprint.txt (not a "
+                              "`kiln tokenizer` directory); give the fingerprint itself")
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    return tokenizer
+
+
+def split_rows(n: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the train and validation parts of `data.split` ("95,5,0"), in order."""
+    try:
+        weights = [float(x) for x in split.split(",")]
+    except ValueError:
+        raise ConfigError("data.split", f"expected comma-separated weights, got {split!r}") from None
+    weights += [0.0] * (3 - len(weights))
+    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+        raise ConfigError("data.split", f"expected up to three non-negative weights, got {split!r}")
+    n_train = round(n * weights[0] / sum(weights))
+    n_valid = round(n * weights[1] / sum(weights))
+    return np.arange(n_train), np.arange(n_train, min(n_train + n_valid, n))
+
+
+def to_tensors(batch: ArrayBatch, index: np.ndarray) -> Batch:
+    """A collated numpy batch as tensors on this rank's device; `index` = dataset row of each
+    sample (reference log-probs are looked up by it)."""
+    device = runtime.device()
+    out = {"tokens": batch.tokens, "labels": batch.labels, "loss_mask": batch.loss_mask,
+           "position_ids": batch.position_ids, "index": index}
+    if batch.attention_mask is not None:
+        out["attention_mask"] = batch.attention_mask
+    out.update(batch.extra or {})
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in out.items()}
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log π(labels[b, t] | tokens[b, ≤t]) `[b, s]` (float32) from megatron's vocab-parallel
+    logits `[b, s, V/TP]` (`GPTModel` without labels and `parallel_output=True`)."""
+    return vocab_parallel_log_probs(logits, labels)
+
+
+def per_sample(loss: torch.Tensor, metrics: dict[str, torch.Tensor], n: int) -> LossOutput:
+    """A loss and metrics averaged over this micro-batch's `n` samples, as the loop's sums:
+    the loop divides by the samples of the whole global batch (all micro-batches, DP ranks)."""
+    count = torch.tensor(n, device=loss.device)
+    return loss * n, count, {k: v.detach().double() * n for k, v in metrics.items()}
+
+
+class ChatStage(Stage):
+    """Reads one Arrow dataset directory; subclasses say which contracts and how to collate."""
+
+    contracts: ClassVar[tuple[str, ...]]
+    pad_id: ClassVar[int] = 0  # right padding: no real token attends to it, never a target
+
+    @property
+    def opts(self) -> Any:
+        return getattr(self.cfg, self.name)
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if len(cfg.data.manifests) != 1:
+            raise ConfigError("data.manifests", f"stage {self.name} reads one dataset directory, "
+                              f"got {len(cfg.data.manifests)}")
+        self.data = ShardSet(cfg.data.manifests[0], self.contracts,
+                             expected_fingerprint(self.opts.tokenizer),
+                             fingerprint_key=f"{self.name}.tokenizer")
+        self.train_rows, self.valid_rows = split_rows(len(self.data), cfg.data.split)
+
+    def vocab_size(self) -> int:
+        return self.cfg.model.vocab_size or int(self.data.manifest.tokenizer["vocab_size"])
+
+    def seq_len(self) -> int | None:
+        """Fixed length under pipeline parallelism (p2p buffers have one shape), else dynamic."""
+        return self.cfg.train.seq_length if runtime.layout().pp > 1 else None
+
+    def collate(self, indices: np.ndarray) -> ArrayBatch:
+        raise NotImplementedError
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        return to_tensors(self.collate(indices), indices)
+
+    def _batches(self, rows: np.ndarray, start_sample: int, shuffle: bool) -> Iterator[Batch]:
+        tr = self.cfg.train
+        sampler = DistributedSampler(len(rows), tr.global_batch_size, runtime.dp_rank(),
+                                     runtime.dp_size(), tr.seed, shuffle=shuffle,
+                                     consumed_samples=start_sample)
+        for local in sampler:
+            for k in range(0, len(local), tr.micro_batch_size):
+                yield self.batch(rows[local[k:k + tr.micro_batch_size]])
+
+    def train_batches(self, start_sample: int) -> Iterator[Batch]:
+        return self._batches(self.train_rows, start_sample, shuffle=True)
+
+    def valid_batches(self) -> Iterator[Batch] | None:
+        if len(self.valid_rows) == 0:
+            return None
+        return self._batches(self.valid_rows, 0, shuffle=False)
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Logits `[b, s, V/TP]` on the last pipeline stage, hidden states elsewhere."""
+        return model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                     attention_mask=batch.get("attention_mask"))
+
+    def tokens_in(self, batch: Batch) -> int:
+        return int(batch["tokens"].numel())

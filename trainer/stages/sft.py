@@ -1,0 +1,69 @@
+"""Supervised fine-tuning: next-token loss on the assistant tokens only (the shards' loss mask),
+summed per token and divided by the tokens of the whole global batch; plain or packed rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kiln.errors import ConfigError
+from tensor_parallel import runtime
+from trainer.chat_data import Batch as ArrayBatch
+from trainer.chat_data import collate_sft
+from trainer.losses import masked_nll
+from trainer.stages import Batch, LossOutput
+from trainer.stages.chat_common import ChatOptions, ChatStage, token_logps
+
+
+class SftStage(ChatStage):
+    name = "sft"
+    options = ChatOptions
+    contracts = ("sft", "sft_packed")
+
+    def setup(self) -> None:
+        super().setup()
+        m = self.cfg.model
+        self.packed = self.data.contract == "sft_packed"
+        # Transformer Engine takes packed rows as cu_seqlens (THD); the local spec takes the
+        # block-diagonal boolean mask, which megatron's fused causal softmax (bf16 on GPU) ignores.
+        self.cu_seqlens = self.packed and m.transformer_impl == "transformer_engine"
+        if self.cu_seqlens and self.cfg.train.micro_batch_size != 1:
+            raise ConfigError("train.micro_batch_size", "packed rows under Transformer Engine "
+                              "take micro_batch_size=1 (one packed row per micro-batch)")
+        if self.packed and not self.cu_seqlens and runtime.on_gpu() and m.precision == "bf16":
+            raise ConfigError("model.transformer_impl", "packed rows in bf16 on GPU need "
+                              "transformer_engine (the local spec's fused softmax ignores masks)")
+
+    def collate(self, indices: np.ndarray) -> ArrayBatch:
+        return collate_sft(self.data.rows(indices), self.seq_len(), self.pad_id,
+                           max_len=self.cfg.train.seq_length)
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        batch = super().batch(indices)
+        if self.cu_seqlens:
+            s = batch["tokens"].shape[1]
+            bounds = np.minimum(np.asarray(self.data.row(int(indices[0]))["seq_boundaries"]), s)
+            cu = np.unique(np.append(bounds, s)).astype(np.int32)  # padding: its own segment
+            batch.pop("attention_mask")
+            batch["cu_seqlens"] = torch.from_numpy(cu).to(runtime.device())
+        return batch
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        if "cu_seqlens" not in batch:
+            return super().forward(model, batch)
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu = batch["cu_seqlens"]
+        longest = int((cu[1:] - cu[:-1]).max())
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=longest, max_seqlen_kv=longest)
+        return model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                     attention_mask=None, packed_seq_params=params)
+
+    def loss(self, output: torch.Tensor, batch: Batch) -> LossOutput:
+        # L = -(1/N) Σ_t m_t log π(y_t | y_<t); the loop divides by N over the global batch
+        nll_sum, count = masked_nll(token_logps(output, batch["labels"]), batch["loss_mask"])
+        return nll_sum, count.to(torch.int), {}
+
+
+STAGE = SftStage
