@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core.models.gpt import GPTModel
 
 from kiln.errors import ConfigError
 from tensor_parallel.vocab_parallel import vocab_parallel_entropy
-from megatron.core.models.gpt import GPTModel
-
 from trainer.rl_math import group_advantages, grpo_loss, masked_mean
 from trainer.rollout import RolloutBatch, mask_padded_vocab, policy_logps
 from trainer.stages import Batch, LossOutput

@@ -17,6 +17,7 @@ A run resumed in the middle of a rollout samples a fresh rollout with the restor
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -201,6 +202,19 @@ class RLStage(ChatStage):
         self.rollout = self.make_rollout(seqs, scores, old, ref_logps)
         self.rollout_metrics = self.rollout_stats(self.rollout)
         self._schedule_minibatches(index)
+        self._record(index, prompts, gen.completion_ids(), scores)
+
+    def _record(self, index: int, prompts: list[list[int]], completions: list[list[int]],
+                scores: torch.Tensor) -> None:
+        """Append this DP rank's samples to `<run_dir>/rollouts/dp<rank>.jsonl` (to read them)."""
+        if runtime.tp_rank() != 0:
+            return
+        path = os.path.join(self.cfg.run_dir, "rollouts", f"dp{runtime.dp_rank()}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            for p, c, r in zip(prompts, completions, scores.tolist(), strict=True):
+                f.write(json.dumps({"rollout": index, "prompt_ids": p, "completion_ids": c,
+                                    "score": r}) + "\n")
 
     def _read_policy(self, output: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(log-probs of the labels, and values when the model has a critic) of a scoring pass."""
