@@ -48,7 +48,14 @@ def _ppo_checks() -> dict:
     import torch
 
     from trainer.config import load_run_config
-    from trainer.rl_math import gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
+    from trainer.rl_math import (
+        explained_variance,
+        gae,
+        masked_mean,
+        masked_whiten,
+        ppo_policy_loss,
+        ppo_value_loss,
+    )
     from trainer.stages.ppo import PpoStage, token_rewards
 
     cfg = load_run_config(PPO, ["model.vocab_size=500", "ppo.temperature=0.7",
@@ -101,6 +108,8 @@ def _ppo_checks() -> dict:
                                               o.kl_coef) - rewards).abs().max()),
         "advantages": float((rollout.advantages - masked_whiten(adv, mask) * mask).abs().max()),
         "returns": float((rollout.returns - ret).abs().max()),
+        "explained_variance": [stage.rollout_stats(rollout)["explained_variance"],
+                               float(explained_variance(rollout.old_values, ret, mask))],
     }
 
 
@@ -187,6 +196,7 @@ def test_ppo_rollout_rewards_gae_and_whitening(checks):
     c = checks["ppo"]
     assert c["token_rewards"] < 1e-6
     assert c["advantages"] < 1e-5 and c["returns"] < 1e-6
+    assert _close(c["explained_variance"])
 
 
 @pytest.mark.parametrize("loss_type", ["bnpo", "grpo", "dr_grpo"])

@@ -11,6 +11,7 @@ needs one scoring forward for log-probs and values. The critic is initialised fr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +21,9 @@ from trainer.rl_math import (
     AdaptiveKLController,
     FixedKLController,
     entropy_bonus,
-    explained_variance,
     gae,
     kl_k1,
     masked_mean,
-    masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
 )
@@ -67,15 +66,19 @@ class PpoStage(RLStage):
         mask = seqs["loss_mask"]
         rewards = token_rewards(scores, old_logps, ref_logps, mask, self.kl_ctl.value)
         advantages, returns = gae(rewards, old_values, mask, self.opts.gamma, self.opts.lam)
-        if self.opts.whiten_advantages:
-            advantages = masked_whiten(advantages, mask) * mask
+        if self.opts.whiten_advantages:  # rl_math.masked_whiten's maths with global moments
+            mean, var, count = self.global_moments(advantages, mask)
+            var *= count / max(count - 1.0, 1.0)
+            advantages = (advantages - mean) * (var + 1e-8) ** -0.5 * mask
         return RolloutBatch(**seqs, scores=scores, old_logps=old_logps, ref_logps=ref_logps,
                             advantages=advantages, old_values=old_values * mask, returns=returns)
 
     def rollout_stats(self, r: RolloutBatch) -> dict[str, float]:
         stats = super().rollout_stats(r)
-        stats["explained_variance"] = float(explained_variance(r.old_values, r.returns,
-                                                               r.loss_mask))
+        _, var_returns, _ = self.global_moments(r.returns, r.loss_mask)
+        _, var_error, _ = self.global_moments(r.returns - r.old_values, r.loss_mask)
+        # rl_math.explained_variance over all DP ranks: 1 - Var[R - V] / Var[R]
+        stats["explained_variance"] = 1.0 - var_error / var_returns if var_returns else math.nan
         stats["kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(stats["kl"], self.rollout_size)
         return stats

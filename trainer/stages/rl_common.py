@@ -256,6 +256,17 @@ class RLStage(ChatStage):
         runtime.dp_all_reduce(pair)
         return float(pair[0] / pair[1])
 
+    def global_moments(self, values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+        """(mean, biased variance, count) of `values` where `mask`, over every DP rank's rollout:
+        whitening and explained variance then do not depend on how DP splits the rollout."""
+        m = mask.double()
+        x = values.double() * m
+        sums = torch.stack([x.sum(), (x * x).sum(), m.sum()])
+        runtime.dp_all_reduce(sums)
+        total, squares, count = sums.tolist()
+        mean = total / count
+        return mean, max(squares / count - mean * mean, 0.0), count
+
     def rollout_stats(self, r: RolloutBatch) -> dict[str, float]:
         """Rollout-wide metrics (all DP ranks): reward, KL to the reference, completion length."""
         mask = r.loss_mask
