@@ -203,6 +203,39 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     return Generation(tokens, valid, prompt_length)
 
 
+# ---- checkpoints -------------------------------------------------------------------------------
+
+class LoopChunk(torch.nn.Module):
+    """A model wrapped the way the training loop wraps its chunks (Float16Module under bf16, then
+    DDP's `module.` prefix), so trainer checkpoints load into a model that is never trained."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        if model.config.bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(model.config, model)
+        self.module = model
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", *args, **kwargs) -> dict:
+        return self.module.sharded_state_dict(prefix + "module.", *args, **kwargs)
+
+
+def load_frozen(model: torch.nn.Module, path: str, new: tuple[str, ...] = ()) -> torch.nn.Module:
+    """`model` with the weights of the trainer checkpoint `path` (any layout), in eval mode and
+    without gradients; `new`: parameter-name prefixes the checkpoint may lack."""
+    from trainer.checkpoint import load_weights
+
+    chunk = LoopChunk(model)
+    load_weights([chunk], path, new=tuple(f"module.{p}" for p in new))
+    chunk.eval()
+    chunk.requires_grad_(False)
+    return chunk
+
+
 # ---- kiln generate ------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -224,15 +257,71 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _encode(sp, text: str, chat: bool) -> list[int]:
+    """Prompt ids: plain text after `<s>`, or (`chat`) one user turn and the assistant header in
+    llmkiln's chat layout (`dataprep/chat/template.py`): <s> <|user|> text <|end|> <|assistant|>."""
+    if not chat:
+        return [sp.bos_id(), *sp.encode(text)]
+    user, end, assistant = (sp.piece_to_id(p) for p in ("<|user|>", "<|end|>", "<|assistant|>"))
+    if sp.unk_id() in (user, end, assistant):
+        raise UsageError("--chat needs a tokenizer with llmkiln's chat control tokens")
+    return [sp.bos_id(), user, *sp.encode(text), end, assistant]
+
+
+def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat: bool,
+        max_new_tokens: int, sampling: SamplingParams, seed: int) -> list[str]:
+    """Decoded continuations of `prompts` by the policy stored in a trainer checkpoint."""
+    import sentencepiece as spm
+    import yaml
+    from megatron.core import dist_checkpointing
+
+    from kiln.config import from_dict
+    from tensor_parallel import runtime
+    from trainer.checkpoint import resolve
+    from trainer.config import RunConfig
+    from trainer.model import build_gpt_chunks
+
+    path = resolve(checkpoint)
+    saved = dist_checkpointing.load_common_state_dict(path).get("config")
+    if saved is None:
+        raise UsageError(f"{path} holds no run config (not written by trainer/main.py)")
+    run_cfg = yaml.safe_load(saved)
+    stage = run_cfg.get("stage")
+    if stage == "rm":
+        raise UsageError(f"{path} is a reward model: it scores text, it has no LM head to sample")
+    tok_dir = tokenizer or (run_cfg.get(stage) or {}).get("tokenizer")
+    if not tok_dir or not os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):
+        raise UsageError("no tokenizer: pass --tokenizer DIR (a `kiln tokenizer` directory)")
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(tok_dir, "tokenizer.model"))
+    cfg = RunConfig(model=from_dict(RunConfig, {"model": run_cfg["model"]}).model)
+    cfg.train.seq_length = run_cfg.get("train", {}).get("seq_length", cfg.train.seq_length)
+    vocab = dist_checkpointing.load_tensors_metadata(path)[
+        "module.embedding.word_embeddings.weight"].global_shape[0]
+    stops = [sp.eos_id()] + ([sp.piece_to_id("<|end|>")] if chat else [])
+    runtime.init(seed=seed)
+    try:
+        [model] = build_gpt_chunks(cfg, vocab)
+        model = load_frozen(model, path)
+        gen = generate(model, [_encode(sp, p, chat) for p in prompts],
+                       max_new_tokens=max_new_tokens, vocab_size=sp.get_piece_size(),
+                       pad_id=sp.pad_id() if sp.pad_id() >= 0 else 0, stop_ids=stops,
+                       sampling=sampling, generator=torch.Generator().manual_seed(seed))
+    finally:
+        runtime.shutdown()
+    return [sp.decode([t for t in ids if t not in stops]) for ids in gen.completion_ids()]
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     sampling = SamplingParams(greedy=args.greedy, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p)
-    sampling.check("--")
+    try:
+        sampling.check()
+    except ConfigError as exc:
+        message = str(exc).split(": ", 1)[1]
+        raise UsageError(f"--{exc.key.replace('_', '-')} {message}") from None
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
-    from trainer.generate_cli import run
-
     for text in run(args.checkpoint, args.prompt, tokenizer=args.tokenizer, chat=args.chat,
                     max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed):
         print(text)

@@ -36,9 +36,9 @@ from kiln.log import get_logger
 from tensor_parallel import runtime
 from tensor_parallel.plan.memory import bytes_per_parameter
 from trainer.chat_data import DistributedSampler
-from trainer.checkpoint import load_weights, resolve
+from trainer.checkpoint import resolve
 from trainer.config import ModelConfig
-from trainer.generate import SamplingParams, generate
+from trainer.generate import LoopChunk, SamplingParams, generate, load_frozen
 from trainer.model import build_gpt_chunks
 from trainer.reward_head import GPTRewardModel
 from trainer.rewards import call_reward_function, load_reward_function
@@ -124,10 +124,14 @@ class RLStage(ChatStage):
     def _frozen_reference(self, policy: torch.nn.Module, vocab: int) -> torch.nn.Module:
         [ref] = build_gpt_chunks(self.cfg, vocab, model_class=self.policy_class)
         if self.cfg.init.checkpoint:
-            load_weights([ref], resolve(self.cfg.init.checkpoint), new=self.new_weights)
-        else:  # the loop restores nothing into the policy before step 0: it is the reference
-            ref.load_state_dict(policy.state_dict())
-        return _freeze(ref)
+            return load_frozen(ref, resolve(self.cfg.init.checkpoint), new=self.new_weights)
+        # no init checkpoint: the loop restores nothing into the policy before step 0, so its
+        # weights now are the starting policy's
+        ref.load_state_dict(policy.state_dict())
+        chunk = LoopChunk(ref)
+        chunk.eval()
+        chunk.requires_grad_(False)
+        return chunk
 
     def _frozen_reward_model(self, vocab: int) -> torch.nn.Module | None:
         path = self.opts.reward_model
@@ -144,9 +148,8 @@ class RLStage(ChatStage):
         rm_cfg = copy.copy(self.cfg)
         rm_cfg.model = from_dict(ModelConfig, run["model"], "model")
         [rm] = build_gpt_chunks(rm_cfg, vocab, model_class=GPTRewardModel)
-        load_weights([rm], path)
         log.info("reward model from %s", path)
-        return _freeze(rm)
+        return load_frozen(rm, path)
 
     def _log_memory(self, policy: torch.nn.Module) -> None:
         """Parameter and optimizer bytes of the four models on this rank (plan's byte costs)."""
@@ -300,8 +303,3 @@ class RLStage(ChatStage):
                      policy: list[torch.Tensor], ref_logps: torch.Tensor) -> RolloutBatch:
         raise NotImplementedError
 
-
-def _freeze(module: torch.nn.Module) -> torch.nn.Module:
-    module.eval()
-    module.requires_grad_(False)
-    return module
