@@ -252,14 +252,22 @@ def _xlogx(log_p: Tensor, offset: Tensor | float = 0.0) -> Tensor:
     return torch.where(p > 0, p * (log_p + offset), torch.zeros((), dtype=p.dtype, device=p.device))
 
 
-def masked_sum(values: Tensor, mask: Tensor, dim: int | tuple[int, ...] = -1) -> Tensor:
-    """Sum of `values` where `mask` is true (or non-zero). Masked positions contribute exactly 0,
-    even when they hold inf or NaN (padding), and receive a zero gradient."""
-    mask = mask.to(torch.bool)
-    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(dim)
+Dims = int | tuple[int, ...] | None
 
 
-def masked_mean(values: Tensor, mask: Tensor, dim: int | tuple[int, ...] = -1) -> Tensor:
+def masked_sum(values: Tensor, mask: Tensor, dim: Dims = -1) -> Tensor:
+    """Sum of `values` where `mask` is true (or non-zero), over `dim` (None: every dimension).
+
+    Masked positions contribute exactly 0, even when they hold inf or NaN (padding), and receive
+    a zero gradient.
+    """
+    kept = torch.where(mask.to(torch.bool), values,
+                       torch.zeros((), dtype=values.dtype, device=values.device))
+    return kept.sum() if dim is None else kept.sum(dim)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: Dims = -1) -> Tensor:
     """Mean of `values` over the positions where `mask` is true; 0 where none is."""
-    count = mask.to(torch.bool).sum(dim).clamp(min=1)
-    return masked_sum(values, mask, dim) / count.to(values.dtype)
+    mask = mask.to(torch.bool).expand_as(values)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1).to(values.dtype)

@@ -3,8 +3,10 @@
 Layout on disk: `<dir>/step-00000042/` (one dist checkpoint) and `<dir>/latest` (its name). A save
 writes `<dir>/.partial-step-…/`, renames it into place and only then moves `latest`, so a crash at
 any moment leaves the previous checkpoint and `latest` intact. Tensors are stored by global name
-and offset, so a run with another TP/PP/DP layout loads the same checkpoint; the per-rank RNG
-state is restored only when the layout is unchanged (it has no meaning across layouts).
+and offset, so a run with another TP/PP/DP layout loads the same weights. Resuming restores
+weights, optimizer, LR schedule, data position and RNG; the optimizer state is stored per DP rank,
+so under a new TP/PP split a resume keeps weights, schedule and data position and restarts Adam's
+moments (with a warning); the per-rank RNG state is restored only under the same layout.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 LATEST = "latest"
-# Optimizer state in canonical per-parameter form: loadable under any TP/PP/DP layout.
-_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Optimizer state as raw per-DP-rank buffers: torch Adam keeps a per-parameter `step` that
+# megatron 0.16.1's reshardable formats drop on load, so resuming keeps the TP/PP layout.
+_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def checkpoint_root(cfg: Any) -> str:
@@ -77,20 +80,24 @@ def _rng_object() -> ShardedObject:
                           runtime.dp_rank()), replica_id=0)
 
 
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DDP / Float16Module: checkpoint keys must not depend on wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _model_state(model: list[torch.nn.Module]) -> dict[str, Any]:
-    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+    return {f"chunk{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
 
 
-def _state_dict(t: Trainer, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
+def _state_dict(t: Trainer, *, optimizer: bool, rng: bool, is_loading: bool) -> dict:
     model_sd = _model_state(t.model)
     sd: dict[str, Any] = {"model": model_sd}
-    if with_optimizer:
+    if optimizer:
         sd["optimizer"] = t.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                        metadata=_METADATA)
-        sd["scheduler"] = t.scheduler.state_dict()
-        sd["train_state"] = dataclasses.asdict(t.state)
-        sd["layout"] = _layout_key()
-    if with_rng:
+    if rng:
         sd["rng_state"] = _rng_object()
     return sd
 
@@ -105,8 +112,9 @@ def save(t: Trainer) -> str:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     runtime.barrier()
-    sd = _state_dict(t, is_loading=False, with_optimizer=True, with_rng=True)
-    sd["config"] = dump_yaml(t.cfg)
+    sd = _state_dict(t, optimizer=True, rng=True, is_loading=False)
+    sd.update(scheduler=t.scheduler.state_dict(), train_state=dataclasses.asdict(t.state),
+              layout=_layout_key(), config=dump_yaml(t.cfg))
     dist_checkpointing.save(sd, partial)
     runtime.barrier()
     if runtime.rank() == 0:
@@ -129,11 +137,13 @@ def _prune(root: str, keep: int, current: str) -> None:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
+@torch.no_grad()
 def load_weights(model: list[torch.nn.Module], path: str, new: tuple[str, ...] = ()) -> None:
     """Only the model weights (e.g. `init.checkpoint`, evaluation under another layout).
 
-    Tensors whose key starts with a prefix in `new` and that the checkpoint lacks keep their
-    initialisation (a reward head on a language-model checkpoint); anything else missing fails.
+    Tensors that the checkpoint lacks and whose dotted name has a component starting with one
+    of `new` (`"reward_head."`) keep their initialisation (a reward head on a language-model
+    checkpoint); anything else missing fails.
     """
     sd = {"model": _model_state(model)}
     fresh: list[set[str]] = [set() for _ in model]
@@ -142,17 +152,42 @@ def load_weights(model: list[torch.nn.Module], path: str, new: tuple[str, ...] =
         for i, chunk_sd in enumerate(sd["model"].values()):
             for name, value in list(chunk_sd.items()):
                 key = getattr(value, "key", "")
-                if key.startswith(new) and key not in stored:
+                if any(f".{p}" in f".{key}" for p in new) and key not in stored:
                     del chunk_sd[name]
                     fresh[i].add(name)
     loaded = dist_checkpointing.load(sd, path)
     for i, chunk in enumerate(model):
         # dist_checkpointing has already failed on anything else missing from the checkpoint
-        chunk.load_state_dict(loaded["model"][f"chunk{i}"], strict=not fresh[i])
+        unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"], strict=not fresh[i])
         if fresh[i]:
             log.info("new weights, not in %s: %s", path, ", ".join(sorted(fresh[i])))
 
 
+def _allocate_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh distributed optimizer its Adam state tensors, for the load to fill in.
+
+    megatron's loading path reads the optimizer's step count from its state, which torch's Adam
+    only creates on its first step; Megatron-LM takes the same dummy step before loading.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(sub, "_init_optimizer_states_with_dummy_values") and not sub.optimizer.state:
+            sub._init_optimizer_states_with_dummy_values()
+
+
+def _set_adam_steps(optimizer: Any, updates: int) -> None:
+    """Give every parameter its own Adam step count (the number of applied updates).
+
+    megatron 0.16.1's loader (without apex/TE) assigns one shared `step` tensor to all
+    parameters; torch's Adam increments each parameter's step in place, so the shared count
+    would advance once per parameter per step and skew the bias correction after a resume.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in sub.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(updates))
+
+
+@torch.no_grad()
 def restore(t: Trainer) -> None:
     """Resume from `<checkpoint dir>/latest`, else start from `init.checkpoint`, else do nothing."""
     cfg = t.cfg
@@ -165,23 +200,28 @@ def restore(t: Trainer) -> None:
             log.info("initial weights from %s", init)
         return
     common = dist_checkpointing.load_common_state_dict(path)
-    same_layout = common.get("layout") == _layout_key()
-    sd = _state_dict(t, is_loading=True, with_optimizer=True, with_rng=same_layout)
+    saved, now = common.get("layout"), _layout_key()
+    same_split = saved is not None and saved[:4] == now[:4]  # TP, PP, VPP, CP (DP may differ)
+    if same_split:
+        _allocate_optimizer_state(t.optimizer)
+    else:
+        log.warning("resuming %s under TP/PP/VPP/CP %s (saved %s): weights, LR schedule and data "
+                    "position carry over; Adam moments restart from zero", path, now[:4], saved)
+    sd = _state_dict(t, optimizer=same_split, rng=saved == now, is_loading=True)
     loaded = dist_checkpointing.load(sd, path)
     for i, chunk in enumerate(t.model):
-        chunk.load_state_dict(loaded["model"][f"chunk{i}"])
-    t.optimizer.load_state_dict(loaded["optimizer"])
-    t.scheduler.load_state_dict(loaded["scheduler"])
-    for key, value in loaded["train_state"].items():
+        unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
+    for key, value in common["train_state"].items():
         setattr(t.state, key, value)
-    if same_layout:
+    t.scheduler.load_state_dict(common["scheduler"])
+    if same_split:
+        t.optimizer.load_state_dict(loaded["optimizer"])
+        _set_adam_steps(t.optimizer, t.state.step - t.state.skipped_steps)
+    if saved == now:  # RNG streams are per rank: meaningful only under the same layout
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"])
         mp.get_cuda_rng_tracker().set_states(rng["tracker"])
-    else:
-        log.warning("resuming under a new layout %s (saved %s): RNG streams restart",
-                    _layout_key(), common.get("layout"))
     log.info("resumed from %s at step %d (%d samples consumed)", path, t.state.step,
              t.state.consumed_samples)

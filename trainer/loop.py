@@ -225,18 +225,16 @@ def train(cfg: RunConfig) -> TrainState:
                 bad_in_a_row += 1
                 log.warning("step %d: NaN/Inf loss or gradient, update skipped (%d in a row)",
                             step, bad_in_a_row)
-                if bad_in_a_row >= tr.max_bad_steps:
-                    raise BadStepsError(f"stopping at step {step}: {bad_in_a_row} consecutive "
-                                        "steps had a NaN/Inf loss or gradient")
             else:
                 bad_in_a_row = 0
             record: dict[str, Any] = {}
             last = step == tr.steps
-            if step % tr.log_every == 0 or last:
+            if step % tr.log_every == 0 or last or not applied:
                 elapsed = time.perf_counter() - started
-                tps = tokens / max(elapsed, 1e-9) / runtime.world_size()
+                tps = tokens / max(elapsed, 1e-9)
                 record = {"step": step, "lr": t.scheduler.get_lr(t.optimizer.param_groups[0]),
-                          "tokens_per_s_per_rank": tps, "tflops_per_rank": tps * flops / 1e12,
+                          "tokens_per_s": tps,
+                          "tflops_per_rank": tps * flops / 1e12 / runtime.world_size(),
                           "peak_memory_gb": peak_memory_gb(),
                           "skipped_steps": t.state.skipped_steps,
                           "consumed_samples": t.state.consumed_samples}
@@ -253,6 +251,9 @@ def train(cfg: RunConfig) -> TrainState:
                 writer.write(record)
                 progress.set(**{k: record[k] for k in ("loss", "val_loss") if k in record})
             progress.advance(1)
+            if bad_in_a_row >= tr.max_bad_steps:
+                raise BadStepsError(f"stopping at step {step}: {bad_in_a_row} consecutive steps "
+                                    "had a NaN/Inf loss or gradient")
             if cfg.checkpoint.save and ((tr.save_every and step % tr.save_every == 0) or last):
                 checkpoint.save(t)
     writer.close()

@@ -104,6 +104,11 @@ class Layout:
     vpp: int | None = None
     sequence_parallel: bool = True
 
+    def __post_init__(self) -> None:
+        if min(self.tp, self.pp, self.dp) < 1 or (self.vpp is not None and self.vpp < 2):
+            raise UsageError(f"layout tp={self.tp} pp={self.pp} dp={self.dp} vpp={self.vpp}: "
+                             "sizes must be positive and vpp, when given, at least 2")
+
     @property
     def gpus(self) -> int:
         return self.tp * self.pp * self.dp

@@ -130,7 +130,7 @@ def run(rank: int, world_size: int, init_method: str, queue) -> None:
         c = Checker(rank)
         check_ops(c, dist.group.WORLD, rank, world_size)
         check_bf16_logits(c, dist.group.WORLD, rank, world_size)
-        from _ops_tp_megatron import check_megatron
+        from tests.tensor_parallel._ops_tp_megatron import check_megatron
 
         check_megatron(c, rank, world_size)
         queue.put((rank, c.checks, c.failures))

@@ -19,7 +19,7 @@ from tensor_parallel.vocab_parallel import (
 
 
 def test_tp1_matches_log_softmax_values_and_gradients():
-    from _ops_tp_worker import Checker, check_bf16_logits, check_ops
+    from tests.tensor_parallel._ops_tp_worker import Checker, check_bf16_logits, check_ops
 
     checker = Checker(0)
     check_ops(checker, None, 0, 1)
@@ -38,7 +38,7 @@ def test_tp2_matches_a_single_rank_over_the_full_vocabulary():
     """Two gloo ranks: every op against torch on the full vocabulary, megatron's cross entropy,
     and megatron's sequence-parallel output layer feeding the log-probs; also the planner's
     per-rank parameter count against a TP=2 megatron GPTModel (sharing the costly start-up)."""
-    from _ops_tp_worker import run
+    from tests.tensor_parallel._ops_tp_worker import run
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -112,6 +112,10 @@ def test_masked_sum_and_mean_ignore_padding_even_if_it_is_nan():
                                torch.tensor(13.0))
     torch.testing.assert_close(masked_mean(values.detach(), mask, dim=0),
                                torch.tensor([2.5, 2.0, 6.0]))
+    torch.testing.assert_close(masked_mean(values.detach(), mask, dim=None), torch.tensor(13 / 4))
+    # A mask that broadcasts (one flag per row) counts every position it covers.
+    torch.testing.assert_close(masked_mean(values.detach(), torch.tensor([[0], [0], [1]]), dim=None),
+                               torch.tensor(8.0))
 
 
 def test_bad_arguments_are_refused():

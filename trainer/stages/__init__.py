@@ -35,8 +35,8 @@ class Stage:
     # Sequences the model sees per sample: 2 when a sample is a (chosen, rejected) pair in one
     # forward. Pipeline p2p buffers are [seq, micro_batch_size × this, hidden].
     sequences_per_sample: ClassVar[int] = 1
-    # Parameter-name prefixes an `init.checkpoint` may lack (a new head on a pretrained
-    # backbone): they keep their initialisation instead of failing the load.
+    # Parameter-name components an `init.checkpoint` may lack (a new head on a pretrained
+    # backbone, e.g. "reward_head."): they keep their initialisation instead of failing the load.
     new_weights: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any) -> None:

@@ -1,8 +1,8 @@
 """Remake `sample-pretrain/`: byte-level token shards of the HH-RLHF sample for `tiny-pretrain.yaml`.
 
 Byte-level (UTF-8 bytes 0-255, end-of-document 256) keeps the sample independent of any trained
-tokenizer, so the tiny config runs from a fresh clone. Written with megatron's own
-`IndexedDatasetBuilder`, so the shards are exactly what `GPTDataset` reads.
+tokenizer, so the tiny config runs from a fresh clone. Written with the project's contract writers
+(`schemas.indexed`, `schemas.manifest`), byte-identical to megatron's `IndexedDatasetBuilder`.
 
     python trainer/configs/data/make_sample_shards.py /path/to/hh-rlhf-harmless-base-test.jsonl.gz
 """
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import shutil
 
 import numpy as np
-import torch
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from schemas.indexed import IndexedWriter
+from schemas.manifest import Ledger, Manifest, ShardEntry, write_manifest
+from schemas.shards import sha256_file
 
 EOD = 256
 VOCAB_SIZE = 257
@@ -32,20 +33,11 @@ def documents(source: str, limit: int) -> list[str]:
 
 
 def write_shard(prefix: str, docs: list[str]) -> int:
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    tokens = 0
+    writer = IndexedWriter(prefix, np.uint16)
     for doc in docs:
-        ids = list(doc.encode("utf-8")) + [EOD]
-        builder.add_item(torch.tensor(ids, dtype=torch.int64))
-        builder.end_document()
-        tokens += len(ids)
-    builder.finalize(prefix + ".idx")
-    return tokens
-
-
-def sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        writer.add_document(list(doc.encode("utf-8")) + [EOD])
+    writer.finalize()
+    return writer.tokens
 
 
 def main() -> None:
@@ -64,20 +56,21 @@ def main() -> None:
         prefix = os.path.join(args.out, name)
         part = docs[i::args.shards]
         tokens = write_shard(prefix, part)
-        shards.append({"path": name + ".bin", "rows": len(part), "tokens": tokens,
-                       "bytes": os.path.getsize(prefix + ".bin"), "sha256": sha256(prefix + ".bin")})
-    manifest = {
-        "schema": {"name": "megatron_indexed", "version": 1},
-        "tokenizer": {"fingerprint": "utf8-bytes-v1", "vocab_size": VOCAB_SIZE, "eod_id": EOD},
-        "shards": shards,
-        "source": "Anthropic HH-RLHF harmless-base test split, 'chosen' transcripts (MIT)",
-    }
-    with open(os.path.join(args.out, "manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
+        files = (prefix + ".bin", prefix + ".idx")
+        shards.append(ShardEntry(path=name + ".bin", rows=len(part), tokens=tokens,
+                                 bytes=sum(os.path.getsize(f) for f in files),
+                                 sha256=sha256_file(*files), source="hh-rlhf"))
+    ledger = Ledger()
+    ledger.stage("tokenize", input=len(docs), kept=len(docs))
+    write_manifest(args.out, Manifest(
+        schema={"name": "megatron_indexed", "version": 1}, shards=shards,
+        tokenizer={"fingerprint": "utf8-bytes-v1", "vocab_size": VOCAB_SIZE, "eod_id": EOD},
+        ledger=ledger,
+        extra={"source": "Anthropic HH-RLHF harmless-base test split, 'chosen' transcripts (MIT)",
+               "made_by": "trainer/configs/data/make_sample_shards.py"}))
     shutil.copy(os.path.join(os.path.dirname(args.source), "hh-rlhf-LICENSE"),
                 os.path.join(args.out, "LICENSE-hh-rlhf"))
-    print(f"{len(docs)} documents, {sum(s['tokens'] for s in shards)} tokens -> {args.out}")
+    print(f"{len(docs)} documents, {sum(s.tokens for s in shards)} tokens -> {args.out}")
 
 
 if __name__ == "__main__":

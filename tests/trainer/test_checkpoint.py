@@ -1,0 +1,95 @@
+"""Checkpoints: a run killed (-9) after or during a save resumes to exactly the same losses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.conftest import ROOT, TINY, child_env, losses, metrics, run_layouts, val_loss
+
+pytestmark = pytest.mark.slow
+
+RUN = ["train.steps=30", "train.log_every=1", "train.eval_every=0", "train.save_every=3"]
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "trainer" / "main.py"), "--config", TINY,
+           "--set", *RUN, f"run_dir={run_dir}", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+    """SIGKILL the run's whole process group as soon as `ready()` holds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "timed out waiting to kill the run"
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def resume(run_dir: Path) -> None:
+    proc = start(run_dir)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt")
+    run_layouts(out, {"straight": ["checkpoint.save=false"]}, *RUN)
+    return out / "straight"
+
+
+def _latest(ckpt: Path) -> str:
+    marker = ckpt / "latest"
+    return marker.read_text().strip() if marker.exists() else ""
+
+
+def test_sigkill_after_checkpoint_resumes_exactly(uninterrupted: Path, tmp_path: Path) -> None:
+    run = tmp_path / "killed"
+    proc = start(run)
+    kill_when(proc, lambda: _latest(run / "checkpoints") >= "step-00000006")
+    killed_at = int(_latest(run / "checkpoints").removeprefix("step-"))
+    assert killed_at < 30
+    resume(run)
+    assert [r["step"] for r in metrics(run)] == list(range(1, 31))
+    assert losses(run) == pytest.approx(losses(uninterrupted), abs=1e-6, rel=0)
+    assert val_loss(run) == pytest.approx(val_loss(uninterrupted), abs=1e-6, rel=0)
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(uninterrupted: Path, tmp_path: Path) -> None:
+    run = tmp_path / "killed_in_save"
+    ckpt = run / "checkpoints"
+    proc = start(run, "train.save_every=1")
+
+    def saving_after_first() -> bool:
+        return _latest(ckpt) != "" and any(p.name.startswith(".partial-") for p in ckpt.iterdir())
+
+    kill_when(proc, saving_after_first)
+    previous = _latest(ckpt)
+    assert (ckpt / previous / "metadata.json").exists()
+    resume(run)
+    assert losses(run) == pytest.approx(losses(uninterrupted), abs=1e-6, rel=0)
+    assert not any(p.name.startswith(".partial-") for p in ckpt.iterdir())
+
+
+def test_loss_falls_below_unigram_entropy(tmp_path: Path) -> None:
+    """A short run learns more than token frequencies: loss well below the unigram entropy."""
+    import numpy as np
+
+    data = ROOT / "trainer" / "configs" / "data" / "sample-pretrain"
+    tokens = np.concatenate([np.fromfile(p, dtype=np.uint16) for p in sorted(data.glob("*.bin"))])
+    p = np.bincount(tokens) / tokens.size
+    entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    run_layouts(tmp_path, {"learn": ["checkpoint.save=false"]})
+    assert val_loss(tmp_path / "learn") < entropy - 0.4

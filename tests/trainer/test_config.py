@@ -1,0 +1,93 @@
+"""The run config: typed sections, overrides, stage sections, errors that name the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kiln.errors import ConfigError
+from trainer.config import RunConfig, load_run_config, run_config_class
+
+CONFIGS = Path(__file__).resolve().parents[2] / "trainer" / "configs"
+
+
+def test_tiny_config_loads_with_overrides(tiny_config: str) -> None:
+    cfg = load_run_config(tiny_config, ["parallel.tp=2", "train.steps=5", "optimizer.lr=1e-3"])
+    assert isinstance(cfg, RunConfig)
+    assert (cfg.parallel.tp, cfg.train.steps, cfg.optimizer.lr) == (2, 5, 1e-3)
+    assert cfg.model.num_query_groups == 2 and cfg.stage == "pretrain"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.hiden_size=3", "model.hiden_size"),
+    ("train.steps=many", "train.steps"),
+    ("model.fp8=fp4", "model.fp8"),
+    ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel"),
+])
+def test_bad_keys_are_named(tiny_config: str, override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_run_config(tiny_config, [override])
+    assert err.value.key == key
+
+
+def test_unknown_stage_is_a_config_error(tiny_config: str) -> None:
+    with pytest.raises(ConfigError, match="unknown stage 'nope'"):
+        load_run_config(tiny_config, ["stage=nope"])
+
+
+def test_stage_section_is_added_without_touching_run_config() -> None:
+    @dataclass
+    class DemoOptions:
+        beta: float = 0.1
+
+    cls = run_config_class(DemoOptions, "demo")
+    from kiln.config import load_config
+
+    cfg = load_config(cls, None, ["demo.beta=0.5", "train.steps=3"])
+    assert cfg.demo.beta == 0.5 and cfg.train.steps == 3
+    with pytest.raises(ConfigError) as err:
+        load_config(RunConfig, None, ["demo.beta=0.5"])
+    assert err.value.key == "demo"
+
+
+@pytest.mark.parametrize("name, world", [("llama-1b", 8), ("llama-8b", 32), ("llama-70b", 512)])
+def test_cluster_configs_split_their_cluster(name: str, world: int) -> None:
+    from tensor_parallel import check_model_fits, infer_layout, micro_batches_per_step
+
+    cfg = load_run_config(str(CONFIGS / f"{name}.yaml"))
+    p, m = cfg.parallel, cfg.model
+    layout = infer_layout(world, p.tp, p.pp, p.vpp, p.cp)
+    check_model_fits(layout, num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                     num_query_groups=m.num_query_groups, seq_length=cfg.train.seq_length,
+                     sequence_parallel=p.sequence_parallel)
+    micro = micro_batches_per_step(layout, global_batch_size=cfg.train.global_batch_size,
+                                   micro_batch_size=cfg.train.micro_batch_size)
+    assert micro % p.pp == 0
+    assert m.transformer_impl == "transformer_engine" and m.fp8 is not None
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.fp8=delayed"], "model.fp8"),
+    (["model.transformer_impl=transformer_engine"], "model.transformer_impl"),
+    (["model.precision=bf16"], "model.precision"),
+])
+def test_gpu_only_features_fail_at_startup_on_cpu(tiny_config: str, overrides: list[str],
+                                                  key: str) -> None:
+    import torch
+
+    from trainer.model import check_model_config, have_transformer_engine
+
+    if torch.cuda.is_available() or have_transformer_engine():
+        pytest.skip("checks the CPU-only machine's startup errors")
+    with pytest.raises(ConfigError) as err:
+        check_model_config(load_run_config(tiny_config, overrides))
+    assert err.value.key == key
+
+
+def test_padded_vocab_does_not_depend_on_tp() -> None:
+    from trainer.model import padded_vocab_size
+
+    assert {padded_vocab_size(257, 128, tp) for tp in (1, 2, 4, 8)} == {384}
+    assert padded_vocab_size(128256, 128, 8) == 128256

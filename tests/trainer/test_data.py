@@ -1,0 +1,99 @@
+"""Pretraining data: manifests are checked, order is fixed, DP ranks split micro-batches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from kiln.errors import DataError
+from trainer.data.manifest import read_token_manifest
+from trainer.data.pretrain import build_token_data, micro_batches
+
+SAMPLE = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "data" / "sample-pretrain"
+
+
+def write_dataset(root: Path, docs: list[list[int]], vocab: int = 50) -> Path:
+    root.mkdir(parents=True)
+    builder = IndexedDatasetBuilder(str(root / "part-0.bin"), dtype=np.uint16)
+    for doc in docs:
+        builder.add_item(torch.tensor(doc))
+        builder.end_document()
+    builder.finalize(str(root / "part-0.idx"))
+    manifest = {"schema": {"name": "megatron_indexed", "version": 1},
+                "tokenizer": {"fingerprint": "t", "vocab_size": vocab},
+                "shards": [{"path": "part-0.bin", "rows": len(docs), "bytes": 0, "sha256": "",
+                            "tokens": sum(map(len, docs))}]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_sample_manifest_reads() -> None:
+    m = read_token_manifest(str(SAMPLE))
+    assert m.vocab_size == 257 and len(m.prefixes) == 2 and sum(m.shard_tokens) > 100_000
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m["schema"].update(version=2), "schema.version"),
+    (lambda m: m["schema"].update(name="sft"), "schema.name"),
+    (lambda m: m["tokenizer"].pop("vocab_size"), "tokenizer.vocab_size"),
+    (lambda m: m["shards"][0].update(path="missing.bin"), "shards.path"),
+])
+def test_bad_manifest_names_the_field(tmp_path: Path, edit, field: str) -> None:
+    root = write_dataset(tmp_path / "d", [[1, 2, 3]])
+    manifest = json.loads((root / "manifest.json").read_text())
+    edit(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as err:
+        read_token_manifest(str(root))
+    assert err.value.field == field and "manifest.json" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    """megatron's blended dataset asks for the rank: a gloo group of one (no CPU backend)."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _data(tmp_path: Path, name: str):
+    return build_token_data([str(SAMPLE)], None, "90,10,0", seq_length=32, seed=3,
+                            train_samples=64, valid_samples=8, cache_dir=str(tmp_path / name))
+
+
+def test_order_is_deterministic_and_labels_shift(tmp_path: Path, one_rank_group) -> None:
+    a, b = _data(tmp_path, "a"), _data(tmp_path, "b")
+    first = a.train[0]
+    assert torch.equal(first["tokens"], b.train[0]["tokens"])
+    assert torch.equal(first["tokens"][1:], first["labels"][:-1])
+    assert a.vocab_size == 257 and a.valid is not None
+
+
+def test_dp_ranks_read_what_one_rank_reads_with_accumulation(tmp_path: Path,
+                                                             one_rank_group) -> None:
+    data = _data(tmp_path, "c").train
+    one = micro_batches(data, start_sample=8, micro_batch_size=2, dp_rank=0, dp_size=1)
+    rank0 = micro_batches(data, start_sample=8, micro_batch_size=2, dp_rank=0, dp_size=2)
+    rank1 = micro_batches(data, start_sample=8, micro_batch_size=2, dp_rank=1, dp_size=2)
+    serial = torch.cat([next(one)["tokens"] for _ in range(4)])
+    split = torch.cat([torch.cat([next(rank0)["tokens"], next(rank1)["tokens"]]) for _ in range(2)])
+    assert torch.equal(serial, split)
+    assert not torch.equal(serial[:2], serial[2:4])
+
+
+def test_blend_of_two_manifests_must_share_a_tokenizer(tmp_path: Path, one_rank_group) -> None:
+    other = write_dataset(tmp_path / "other", [list(range(40))] * 4, vocab=300)
+    shutil.copytree(SAMPLE, tmp_path / "sample")
+    with pytest.raises(DataError, match="tokenizer"):
+        build_token_data([str(tmp_path / "sample"), str(other)], [0.5, 0.5], "100,0,0",
+                         seq_length=16, seed=1, train_samples=8, valid_samples=0,
+                         cache_dir=str(tmp_path / "cache"))

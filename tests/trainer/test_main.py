@@ -1,0 +1,49 @@
+"""`trainer/main.py`: argument forms, one-line config errors (exit 2), bad steps stop the run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.trainer.conftest import ROOT, TINY, child_env, metrics
+from trainer.main import parse_args
+
+MAIN = str(ROOT / "trainer" / "main.py")
+
+
+def test_set_takes_several_values_and_repeats() -> None:
+    args = parse_args(["--config", "x.yaml", "--set", "a=1", "b=2", "--set", "c=3"])
+    assert args.set == ["a=1", "b=2", "c=3"]
+
+
+def run_main(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, MAIN, "--config", TINY, *argv], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_key_exits_2_naming_it_without_traceback() -> None:
+    proc = run_main("--set", "model.hiden_size=3")
+    assert proc.returncode == 2
+    assert "config key 'model.hiden_size'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_impossible_layout_exits_2(tmp_path: Path) -> None:
+    proc = run_main("--set", "parallel.tp=2", f"run_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "config key 'parallel.tp'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_diverging_run_skips_bad_steps_then_stops_naming_the_step(tmp_path: Path) -> None:
+    """An absurd learning rate blows the weights up: NaN steps are skipped, then the run stops."""
+    proc = run_main("--set", "optimizer.lr=1e30", "optimizer.min_lr=1e30", "schedule.warmup_steps=0",
+                    "train.steps=20", "train.log_every=1", "checkpoint.save=false",
+                    f"run_dir={tmp_path}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "consecutive steps had a NaN/Inf loss or gradient" in proc.stderr
+    records = metrics(tmp_path)
+    stopped_at = records[-1]["step"]
+    assert f"stopping at step {stopped_at}:" in proc.stderr
+    assert records[-1]["skipped_steps"] == 3 and stopped_at < 20

@@ -1,0 +1,49 @@
+"""The trainer refuses post-training shards made for another contract version or another
+tokenizer: exit 1, one line saying which and how to fix it, no traceback (the shard-set checks
+themselves, wrong contract included, are unit-tested in test_chat_data.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.trainer.conftest import ROOT, child_env
+from tests.trainer.post_helpers import DATA, config
+
+pytestmark = pytest.mark.slow
+
+
+def train(tmp_path, stage: str, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "trainer" / "main.py"), "--config", config(stage), "--set",
+           f"run_dir={tmp_path / 'run'}", "train.steps=1", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=120)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_refuses_another_tokenizer(tmp_path) -> None:
+    line = error_line(train(tmp_path, "dpo", "dpo.tokenizer=0123abcd"))
+    assert "kiln.tokenizer_fingerprint" in line and "0123abcd" in line
+    assert "re-tokenize" in line and "dpo.tokenizer" in line
+
+
+def test_refuses_another_contract_version(tmp_path) -> None:
+    data = tmp_path / "preference"
+    shutil.copytree(DATA / "sample-preference", data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["schema"]["version"] = 99
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    line = error_line(train(tmp_path, "rm", f"data.manifests=[{data}]"))
+    assert "schema.version" in line and "version 99" in line and "re-run the data job" in line
+
