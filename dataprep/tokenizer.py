@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -90,6 +90,16 @@ class SentencePieceTokenizer:
         return self._control[token]
 
     @property
+    def special_ids(self) -> dict[str, int | None]:
+        """pad/unk/bos/eos and each chat token's id (None where it is not a single piece)."""
+        ids: dict[str, int | None] = {"pad": self.pad_id, "unk": self.sp.unk_id(),
+                                      "bos": self.bos_id, "eos": self.eos_id}
+        for token, ctl in self._control.items():
+            single = len(ctl) == 1 and self.sp.id_to_piece(ctl[0]) == token
+            ids[token] = ctl[0] if single else None
+        return ids
+
+    @property
     def model_proto(self) -> bytes:
         return self._proto
 
@@ -109,8 +119,11 @@ class TrainSpec:
     byte_fallback: bool = True
     character_coverage: float = 0.9995
     max_sentence_length: int = 16384
-    num_threads: int = 1
+    num_threads: int = 1  # one thread keeps training deterministic
     split_digits: bool = True
+    # Lossless for pretraining text and code (as Llama's tokenizer): no NFKC, keep whitespace.
+    normalization: str = "identity"
+    remove_extra_whitespaces: bool = False
 
 
 def train_sentencepiece(texts: Iterable[str], spec: TrainSpec) -> bytes:
@@ -121,19 +134,38 @@ def train_sentencepiece(texts: Iterable[str], spec: TrainSpec) -> bytes:
     if spec.model_type not in ("bpe", "unigram"):
         raise UsageError(f"tokenizer model_type must be bpe or unigram, got {spec.model_type!r}")
     buf = io.BytesIO()
+    try:
+        _train(spm, texts, spec, buf)
+    except RuntimeError as exc:  # sentencepiece reports bad settings (vocab too small) this way
+        raise UsageError(f"sentencepiece training failed: {str(exc).split('] ')[-1]}") from None
+    proto = buf.getvalue()
+    check_fixed_ids(SentencePieceTokenizer(proto))
+    return proto
+
+
+def _train(spm, texts: Iterable[str], spec: TrainSpec, buf: io.BytesIO) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=buf, vocab_size=spec.vocab_size,
         model_type=spec.model_type, byte_fallback=spec.byte_fallback,
         character_coverage=spec.character_coverage, max_sentence_length=spec.max_sentence_length,
         num_threads=spec.num_threads, split_digits=spec.split_digits,
+        normalization_rule_name=spec.normalization,
+        remove_extra_whitespaces=spec.remove_extra_whitespaces, allow_whitespace_only_pieces=True,
         pad_id=st.PAD_ID, unk_id=st.UNK_ID, bos_id=st.BOS_ID, eos_id=st.EOS_ID,
         pad_piece=st.PAD, unk_piece=st.UNK, bos_piece=st.BOS, eos_piece=st.EOS,
         user_defined_symbols=list(st.CHAT_TOKENS), hard_vocab_limit=False,
         shuffle_input_sentence=False, minloglevel=2,
     )
-    proto = buf.getvalue()
-    check_fixed_ids(SentencePieceTokenizer(proto))
-    return proto
+
+
+def training_lines(text: str, max_bytes: int) -> Iterator[str]:
+    """A document as sentencepiece training sentences: its non-blank lines, long ones cut into
+    pieces sentencepiece will not skip (it drops sentences over `max_sentence_length` bytes)."""
+    step = max(1, max_bytes // 4)  # a UTF-8 character is at most 4 bytes
+    for line in text.split("\n"):
+        if line.strip():
+            for i in range(0, len(line), step):
+                yield line[i:i + step]
 
 
 def check_fixed_ids(tok: SentencePieceTokenizer) -> None:
@@ -157,14 +189,18 @@ def save_tokenizer_dir(out_dir: str, tok: SentencePieceTokenizer) -> None:
 
 def load_tokenizer(path: str) -> Tokenizer:
     """A tokenizer from a llmkiln TOK_DIR, a sentencepiece `.model` file, or a Hugging Face
-    model directory (`tokenizer.json`)."""
+    model directory (`tokenizer.json`). A directory with both `tokenizer.json` +
+    `tokenizer_config.json` and a `.model` (as Llama's) is read as Hugging Face: its config
+    names the special tokens the model was trained with."""
     from kiln.paths import exists, join
 
     if path.endswith(".model") and exists(path):
         return SentencePieceTokenizer.load(path)
-    if exists(join(path, MODEL_FILE)):
+    is_hf = exists(join(path, "tokenizer.json"))
+    if exists(join(path, MODEL_FILE)) and not (is_hf and exists(join(path,
+                                                                      "tokenizer_config.json"))):
         return SentencePieceTokenizer.load(join(path, MODEL_FILE))
-    if exists(join(path, "tokenizer.json")):
+    if is_hf:
         from dataprep.hf_tokenizer import HFTokenizer
 
         return HFTokenizer.load(path)
