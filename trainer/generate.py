@@ -205,35 +205,25 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
 
 # ---- checkpoints -------------------------------------------------------------------------------
 
-class LoopChunk(torch.nn.Module):
-    """A model wrapped the way the training loop wraps its chunks (Float16Module under bf16, then
-    DDP's `module.` prefix), so trainer checkpoints load into a model that is never trained."""
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """A model that is never trained, ready for forwards: wrapped like the loop's chunks under
+    bf16 (megatron's Float16Module casts inputs and outputs), in eval mode, without gradients."""
+    if model.config.bf16:
+        from megatron.core.transformer.module import Float16Module
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        if model.config.bf16:
-            from megatron.core.transformer.module import Float16Module
-
-            model = Float16Module(model.config, model)
-        self.module = model
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def sharded_state_dict(self, prefix: str = "", *args, **kwargs) -> dict:
-        return self.module.sharded_state_dict(prefix + "module.", *args, **kwargs)
+        model = Float16Module(model.config, model)
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 def load_frozen(model: torch.nn.Module, path: str, new: tuple[str, ...] = ()) -> torch.nn.Module:
-    """`model` with the weights of the trainer checkpoint `path` (any layout), in eval mode and
-    without gradients; `new`: parameter-name prefixes the checkpoint may lack."""
+    """`model` with the weights of the trainer checkpoint `path` (saved under any layout), frozen;
+    `new`: names of parameters the checkpoint may lack (see `checkpoint.load_weights`)."""
     from trainer.checkpoint import load_weights
 
-    chunk = LoopChunk(model)
-    load_weights([chunk], path, new=tuple(f"module.{p}" for p in new))
-    chunk.eval()
-    chunk.requires_grad_(False)
-    return chunk
+    load_weights([model], path, new=new)
+    return frozen(model)
 
 
 # ---- kiln generate ------------------------------------------------------------------------------
@@ -296,7 +286,7 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat:
     cfg = RunConfig(model=from_dict(RunConfig, {"model": run_cfg["model"]}).model)
     cfg.train.seq_length = run_cfg.get("train", {}).get("seq_length", cfg.train.seq_length)
     vocab = dist_checkpointing.load_tensors_metadata(path)[
-        "module.embedding.word_embeddings.weight"].global_shape[0]
+        "embedding.word_embeddings.weight"].global_shape[0]
     stops = [sp.eos_id()] + ([sp.piece_to_id("<|end|>")] if chat else [])
     runtime.init(seed=seed)
     try:

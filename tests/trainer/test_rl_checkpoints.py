@@ -34,6 +34,8 @@ def _child(out: str) -> None:
                                   f"ppo.reward_model={out}/rm/checkpoints"]),
         ("grpo", "tiny-grpo.yaml", [*SMALL, "grpo.prompts_per_rollout=2",
                                     f"init.checkpoint={out}/ppo/checkpoints"]),
+        ("grpo-fresh", "tiny-grpo.yaml", [*SMALL, "train.steps=1", "grpo.prompts_per_rollout=2",
+                                          "checkpoint.save=false"]),
     ]
     for name, config, overrides in runs:
         cfg = load_run_config(str(CONFIGS / config), [*overrides, f"run_dir={out}/{name}"])
@@ -60,17 +62,21 @@ def kiln_generate(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_ppo_rewards_come_from_the_reward_model(runs):
     rows = metrics(runs / "ppo")
-    assert len(rows) == 2 and all(json.dumps(r["reward_mean"]) for r in rows)
-    scores = [json.loads(line)["score"]
-              for line in (runs / "ppo" / "rollouts" / "dp0.jsonl").read_text().splitlines()]
-    assert len(scores) == 8 and len(set(scores)) > 1  # a learned scalar per completion, not a rule
+    samples = [json.loads(line)
+               for line in (runs / "ppo" / "rollouts" / "dp0.jsonl").read_text().splitlines()]
+    assert [s["rollout"] for s in samples] == [0] * 8 + [1] * 8  # one step per rollout
+    scores = [s["score"] for s in samples]
+    assert len(set(scores)) == 16  # a learned scalar per completion, not a rule
+    for step, rollout in ((0, scores[:8]), (1, scores[8:])):
+        assert rows[step]["reward_mean"] == pytest.approx(sum(rollout) / 8, rel=1e-5)
 
 
 @pytest.mark.slow
 def test_grpo_starts_from_the_ppo_checkpoint(runs):
-    first = metrics(runs / "grpo")[0]
+    first, fresh = metrics(runs / "grpo")[0], metrics(runs / "grpo-fresh")[0]
     assert first["kl"] == pytest.approx(0.0, abs=1e-4)  # reference == loaded starting policy
-    assert first["entropy"] < 6.2  # not the random initialisation: PPO's steps moved it
+    # the same prompts and seed from the random initialisation: PPO's two steps changed the model
+    assert abs(first["entropy"] - fresh["entropy"]) > 1e-4
 
 
 @pytest.mark.slow
@@ -78,10 +84,9 @@ def test_kiln_generate_samples_a_ppo_checkpoint(runs):
     ckpt = str(runs / "ppo" / "checkpoints")
     args = [ckpt, "--prompt", "How do I bake bread?", "--prompt", "Hi", "--chat", "--greedy",
             "--max-new-tokens", "6"]
-    first, again = kiln_generate(*args), kiln_generate(*args)
+    first = kiln_generate(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     assert len(first.stdout.splitlines()) == 2
-    assert again.stdout == first.stdout  # greedy is deterministic
     bad = kiln_generate(ckpt, "--prompt", "x", "--top-p", "0")
     assert bad.returncode == 2 and "--top-p" in bad.stderr
     rm = kiln_generate(str(runs / "rm" / "checkpoints"), "--prompt", "x")

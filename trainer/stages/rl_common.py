@@ -38,7 +38,7 @@ from tensor_parallel.plan.memory import bytes_per_parameter
 from trainer.chat_data import DistributedSampler
 from trainer.checkpoint import resolve
 from trainer.config import ModelConfig
-from trainer.generate import LoopChunk, SamplingParams, generate, load_frozen
+from trainer.generate import SamplingParams, frozen, generate, load_frozen
 from trainer.model import build_gpt_chunks
 from trainer.reward_head import GPTRewardModel
 from trainer.rewards import call_reward_function, load_reward_function
@@ -128,10 +128,7 @@ class RLStage(ChatStage):
         # no init checkpoint: the loop restores nothing into the policy before step 0, so its
         # weights now are the starting policy's
         ref.load_state_dict(policy.state_dict())
-        chunk = LoopChunk(ref)
-        chunk.eval()
-        chunk.requires_grad_(False)
-        return chunk
+        return frozen(ref)
 
     def _frozen_reward_model(self, vocab: int) -> torch.nn.Module | None:
         path = self.opts.reward_model
