@@ -114,7 +114,6 @@ class RLStage(ChatStage):
 
     def build_model(self, padded_vocab_size: int) -> list[torch.nn.Module]:
         """The policy chunk the optimizer trains, plus the frozen reference and reward model."""
-        self.padded_vocab = padded_vocab_size
         [policy] = build_gpt_chunks(self.cfg, padded_vocab_size, model_class=self.policy_class)
         self.reference = self._frozen_reference(policy, padded_vocab_size)
         self.reward_model = self._frozen_reward_model(padded_vocab_size)
@@ -165,11 +164,10 @@ class RLStage(ChatStage):
             log.info("memory plan: %-12s %9.3fM params, %8.1f MiB weights%s", name, n / 1e6,
                      n * weight_b / 2**20, f", {(cost - n * weight_b) / 2**20:.1f} MiB grads+Adam"
                      if trained else " (frozen)")
-        o = self.opts
-        kv = (2 * self.cfg.model.num_layers * (self.cfg.model.num_query_groups
-              or self.cfg.model.num_attention_heads) * (self.cfg.model.hidden_size
-              // self.cfg.model.num_attention_heads) * 4 * self.cfg.train.seq_length
-              * o.prompts_per_rollout * o.samples_per_prompt // runtime.dp_size()
+        m = self.cfg.model
+        kv_heads = m.num_query_groups or m.num_attention_heads
+        kv = (2 * m.num_layers * kv_heads * (m.hidden_size // m.num_attention_heads) * weight_b
+              * self.cfg.train.seq_length * self.rollout_size // runtime.dp_size()
               // self.cfg.parallel.tp)
         log.info("memory plan: %.1f MiB for the models, %.1f MiB KV cache per rollout (this rank)",
                  total / 2**20, kv / 2**20)
@@ -177,7 +175,10 @@ class RLStage(ChatStage):
     # ---- rollouts ---------------------------------------------------------------------------
     def before_step(self, step: int, model: list[torch.nn.Module]) -> None:
         if self.rollout is None or not self._minibatches:
-            self._sample_rollout(step // self.steps_per_rollout, model[0])
+            index, done = divmod(step, self.steps_per_rollout)
+            self._sample_rollout(index, model[0])
+            for _ in range(done):  # resumed mid-rollout: this rollout's remaining steps only
+                self._minibatches.popleft()
 
     def _prompts(self, rollout_index: int) -> list[dict]:
         self.sampler.state.consumed_samples = rollout_index * self.opts.prompts_per_rollout
