@@ -87,10 +87,18 @@ def test_kiln_generate_samples_a_ppo_checkpoint(runs):
     first = kiln_generate(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     assert len(first.stdout.splitlines()) == 2
-    bad = kiln_generate(ckpt, "--prompt", "x", "--top-p", "0")
-    assert bad.returncode == 2 and "--top-p" in bad.stderr
-    rm = kiln_generate(str(runs / "rm" / "checkpoints"), "--prompt", "x")
-    assert rm.returncode == 2 and "reward model" in rm.stderr
+
+
+
+@pytest.mark.slow
+def test_kiln_generate_refuses_bad_arguments_and_reward_models(runs):
+    from kiln.errors import UsageError
+    from trainer.generate import main
+
+    with pytest.raises(UsageError, match="--top-p must be in"):
+        main([str(runs / "ppo" / "checkpoints"), "--prompt", "x", "--top-p", "0"])
+    with pytest.raises(UsageError, match="is a reward model"):
+        main([str(runs / "rm" / "checkpoints"), "--prompt", "x"])
 
 
 if __name__ == "__main__":

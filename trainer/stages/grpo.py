@@ -8,6 +8,7 @@ Rewards from a reward model or a rule (`reward_function`), for verifiable tasks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -26,8 +27,9 @@ class GrpoOptions(RolloutOptions):
     epsilon_low: float = 0.2
     epsilon_high: float | None = None  # None: epsilon_low (DAPO's clip-higher when larger)
     beta: float = 0.04  # k3 KL penalty coefficient; 0: no KL term in the loss
-    loss_type: str = "bnpo"  # bnpo (token mean) | grpo (sequence mean) | dr_grpo
-    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    loss_type: Literal["bnpo", "grpo", "dr_grpo"] = "bnpo"  # token mean | sequence mean | Dr. GRPO
+    # divide by the group's std | the DP rank's rollout std | nothing (Dr. GRPO)
+    scale_rewards: Literal["group", "batch", "none"] = "group"
 
 
 class GrpoStage(RLStage):
@@ -36,15 +38,9 @@ class GrpoStage(RLStage):
     policy_class = GPTModel
 
     def setup(self) -> None:
-        super().setup()
-        o = self.opts
-        if o.samples_per_prompt < 2:
+        if self.opts.samples_per_prompt < 2:
             raise ConfigError("grpo.samples_per_prompt", "a group needs at least 2 completions")
-        if o.loss_type not in ("bnpo", "grpo", "dr_grpo"):
-            raise ConfigError("grpo.loss_type", f"one of bnpo, grpo, dr_grpo; got {o.loss_type!r}")
-        if o.scale_rewards not in ("group", "batch", "none"):
-            raise ConfigError("grpo.scale_rewards", f"one of group, batch, none; got "
-                              f"{o.scale_rewards!r}")
+        super().setup()
 
     def make_rollout(self, seqs: dict[str, torch.Tensor], scores: torch.Tensor,
                      policy: list[torch.Tensor], ref_logps: torch.Tensor) -> RolloutBatch:
