@@ -13,9 +13,10 @@ row's real tokens are contiguous, so left padding does not change what a row com
 forwards (`trainer/rollout.py`) use the same layout, so their log-probs match the sampler's.
 
 Tensor parallelism: the output layer gathers the vocabulary-parallel logits of the last position
-over the TP group (`runtime_gather_output`, `[b, V]`, small), and every TP rank samples from identical logits with an identically
-seeded generator, so all ranks pick the same token without a broadcast. Pipeline parallelism is
-refused: generation needs every layer on the rank that samples.
+over the TP group (`runtime_gather_output`, `[b, V]`, small), and every TP rank samples from
+identical logits with an identically seeded generator, so all ranks pick the same token without
+a broadcast (and stop at the same step). Pipeline parallelism is refused: generation needs every
+layer on the rank that samples.
 """
 
 from __future__ import annotations

@@ -48,10 +48,13 @@ class RolloutBatch:
 def from_generation(gen: Generation) -> dict[str, torch.Tensor]:
     """tokens / labels / loss_mask / valid of the sampled sequences (see the module docstring)."""
     p = gen.prompt_length
-    loss_mask = gen.valid[:, 1:].clone()
+    # drop the padding columns after the longest completion (every row stopped before them)
+    width = int(gen.valid.any(0).nonzero().max()) + 1
+    tokens, valid = gen.tokens[:, :width], gen.valid[:, :width]
+    loss_mask = valid[:, 1:].clone()
     loss_mask[:, :p - 1] = False
-    return {"tokens": gen.tokens[:, :-1], "labels": gen.tokens[:, 1:],
-            "loss_mask": loss_mask.float(), "valid": gen.valid[:, :-1]}
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": loss_mask.float(),
+            "valid": valid[:, :-1]}
 
 
 def forward_sequences(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
