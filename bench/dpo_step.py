@@ -3,14 +3,16 @@
 Same tiny Llama (the `tiny-dpo.yaml` model: RMSNorm, SwiGLU, RoPE, GQA, untied embeddings), the
 same HH-RLHF pairs (the committed `sample-preference` shards: TRL gets their exact token ids
 through its own `DataCollatorForPreference`), batch 8 pairs, sequences padded to the longest in
-the batch (≤ 128 tokens), fp32, β = 0.1, sigmoid loss, the same thread count. Ours: one fused
+the batch (≤ 128 tokens), fp32 (TRL's bf16 autocast default turned off), β = 0.1, sigmoid loss,
+the same torch thread count (default 1: on a loaded machine two OpenMP threads per process spend
+their time waiting for each other, which hurt TRL's process far more than ours). Ours: one fused
 forward of chosen + rejected per step and reference log-probs precomputed once before the first
 step (its time is reported separately, not hidden); TRL 1.16: its defaults (a reference model
 forward every step, also concatenated chosen + rejected). Steady state: the first steps of each
 are dropped. Ours runs `trainer/main.py` in a child process (its CPU backend changes
 process-wide torch state); TRL runs in this one.
 
-    python bench/dpo_step.py [--steps 24] [--threads 2]
+    python bench/dpo_step.py [--steps 24] [--threads 1]
 
 Last line: {"ours_pairs_per_s": ..., "trl_pairs_per_s": ..., "ratio": ..., "goal": 1.5}
 """
@@ -109,7 +111,7 @@ def trl(steps: int, threads: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     theirs = trl(args.steps, args.threads)
     mine, wall = ours(args.steps, args.threads)

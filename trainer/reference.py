@@ -95,6 +95,8 @@ class ReferenceLogps:
         n, dp, rank = len(self.ids), runtime.dp_size(), runtime.dp_rank()
         mine = np.arange(rank, n, dp)
         num_micro = max(1, math.ceil(math.ceil(n / dp) / micro_batch_size))
+        pp = runtime.layout().pp
+        num_micro = math.ceil(num_micro / pp) * pp  # interleaved schedules want a multiple of PP
         # every DP rank runs the same number of micro-batches: pad with repeats of its own rows
         padded = np.resize(mine if len(mine) else np.zeros(1, np.int64), num_micro * micro_batch_size)
         chunks = [padded[i:i + micro_batch_size] for i in range(0, len(padded), micro_batch_size)]

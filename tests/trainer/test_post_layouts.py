@@ -1,5 +1,6 @@
-"""sft, rm and dpo under TP=2 and PP=2 train to the single-process losses and metrics; a reward
-model at PP=2 starts from an SFT checkpoint saved at TP=2, its new head initialised."""
+"""sft, rm and dpo under TP=2 and PP=2 train to the single-process losses and metrics; dpo and kto
+under DP=2 too (reference log-probs gathered over DP, KTO's KL reference point averaged over DP);
+a reward model at PP=2 starts from an SFT checkpoint saved at TP=2, its new head initialised."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ pytestmark = pytest.mark.slow
 # 3 steps, validation (held-out pairs) after the last one
 STEPS = ["train.steps=3", "train.log_every=1", "train.eval_every=0", "checkpoint.save=false"]
 STAGES = ("sft", "rm", "dpo")
-LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
-RUNS = [(s, lay) for s in STAGES for lay in LAYOUTS]
+LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": []}  # dp2: 2 ranks, no MP
+RUNS = [(s, lay) for s in STAGES for lay in ("tp2", "pp2")] + [("dpo", "dp2"), ("kto", "dp2")]
 COMPARED = {"sft": ["loss"], "rm": ["loss", "reward_accuracy", "reward_margin"],
-            "dpo": ["loss", "reward_chosen", "reward_rejected", "reward_margin"]}
+            "dpo": ["loss", "reward_chosen", "reward_rejected", "reward_margin"],
+            "kto": ["loss", "kl", "reward_margin"]}
+# KTO's z₀ is a mean over one micro-batch of every DP rank: one process with one micro-batch of 8
+# sees what two ranks with 4 each see
+KTO_ONE_MICRO_BATCH = ["train.micro_batch_size=8"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +31,8 @@ def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("post_layouts")
     run_post(out, {s: [config(s), *STEPS] for s in STAGES}
              | {"sft_packed": [config("sft"), *STEPS,
-                               f"data.manifests=[{DATA / 'sample-sft-packed'}]"]})
+                               f"data.manifests=[{DATA / 'sample-sft-packed'}]"],
+                "kto": [config("kto"), *STEPS, *KTO_ONE_MICRO_BATCH]})
     two = {f"{s}_{lay}": [config(s), *STEPS, *LAYOUTS[lay]] for s, lay in RUNS}
     two["sft_tp2"] += ["checkpoint.save=true"]
     two["rm_from_sft"] = [config("rm"), *STEPS, *LAYOUTS["pp2"],

@@ -32,14 +32,15 @@ class ChatOptions:
     tokenizer: str | None = None
 
 
-def expected_fingerprint(tokenizer: str | None) -> str | None:
+def expected_fingerprint(tokenizer: str | None, key: str) -> str | None:
+    """The fingerprint `<stage>.tokenizer` (config key `key`) names, None when unset."""
     if tokenizer is None:
         return None
     path = os.path.join(tokenizer, "fingerprint.txt")
     if os.path.isdir(tokenizer):
         if not os.path.exists(path):
-            raise ConfigError("tokenizer", f"{tokenizer} has no fingerprint.txt (not a "
-                              "`kiln tokenizer` directory); give the fingerprint itself")
+            raise ConfigError(key, f"{tokenizer} has no fingerprint.txt (not a `kiln tokenizer` "
+                              "directory); give the fingerprint itself")
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
     return tokenizer
@@ -99,9 +100,9 @@ class ChatStage(Stage):
         if len(cfg.data.manifests) != 1:
             raise ConfigError("data.manifests", f"stage {self.name} reads one dataset directory, "
                               f"got {len(cfg.data.manifests)}")
+        key = f"{self.name}.tokenizer"
         self.data = ShardSet(cfg.data.manifests[0], self.contracts,
-                             expected_fingerprint(self.opts.tokenizer),
-                             fingerprint_key=f"{self.name}.tokenizer")
+                             expected_fingerprint(self.opts.tokenizer, key), fingerprint_key=key)
         self.train_rows, self.valid_rows = split_rows(len(self.data), cfg.data.split)
 
     def vocab_size(self) -> int:
