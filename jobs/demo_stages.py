@@ -35,8 +35,9 @@ def corpus(demo: Demo) -> StageResult:
     """Clean the crawl plus the real sample WARC files (some deliberately broken); dedup."""
     inputs = [os.path.join(demo.path("crawl"), "*.warc.gz"),
               os.path.join(SAMPLE_DATA, "warc", "*")]
+    config = os.path.join(os.path.dirname(SAMPLE_DATA), "configs", "demo-corpus.yaml")
     demo.kiln("corpus", ["--input", *inputs, "--out", demo.path("corpus"), "--overwrite",
-                         *demo.beam_args()])
+                         "--config", config, *demo.beam_args()])
     return _dataset_result("corpus", demo.path("corpus"))
 
 
