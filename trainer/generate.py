@@ -1,0 +1,326 @@
+"""Batched sampling from the trainer's megatron `GPTModel` with megatron's static KV cache, and
+`kiln generate CKPT --prompt TEXT` to look at a checkpoint's outputs.
+
+KV cache: megatron-core's own `StaticInferenceContext` passed as `inference_context=` to
+`GPTModel.forward`. It runs unchanged on CPU with the local layer spec (the cache buffers are
+allocated on `torch.cuda.current_device()`, which the CPU backend maps to the CPU). Its decode
+steps switch attention to "no mask", which would let a left-padded row attend to its padding, so
+every forward here passes an explicit boolean mask (True = masked out) that hides padded keys.
+
+Positions: RoPE rotates queries and keys by their slot in the padded buffer (megatron ignores
+`position_ids` under RoPE); attention scores depend only on the distance between two slots and a
+row's real tokens are contiguous, so left padding does not change what a row computes. Training
+forwards (`trainer/rollout.py`) use the same layout, so their log-probs match the sampler's.
+
+Tensor parallelism: the output layer gathers the vocabulary-parallel logits of the last position
+over the TP group (`runtime_gather_output`, `[b, V]`, small), and every TP rank samples from
+identical logits with an identically seeded generator, so all ranks pick the same token without
+a broadcast (and stop at the same step). Pipeline parallelism is refused: generation needs every
+layer on the rank that samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from kiln.errors import ConfigError, UsageError
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is picked: greedy, or temperature + top-k + top-p (nucleus) sampling."""
+
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1: no nucleus cut
+
+    def check(self, prefix: str = "") -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"{prefix}temperature", f"must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"{prefix}top_k", f"must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Generation:
+    """Left-padded prompts followed by completions, in one `[b, P + N]` buffer.
+
+    `valid[b, t]` is False on padding (left of the prompt, and after a row stopped);
+    `completion_mask[b, n]` is True on generated tokens, the stop token included.
+    """
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    prompt_length: int
+
+    @property
+    def completion_mask(self) -> torch.Tensor:
+        return self.valid[:, self.prompt_length:]
+
+    @property
+    def completions(self) -> torch.Tensor:
+        return self.tokens[:, self.prompt_length:]
+
+    def completion_ids(self) -> list[list[int]]:
+        return [row[mask].tolist() for row, mask in zip(self.completions, self.completion_mask,
+                                                        strict=True)]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """`[b, V]` logits with everything outside the top-k and the top-p nucleus set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches `top_p`
+    (the token that crosses the threshold is kept), as in Holtzman et al. 2020 and HF's warper.
+    """
+    logits = logits.clone()
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits.masked_fill_(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids `[b]` from full-vocabulary logits `[b, V]`."""
+    if params.greedy:
+        return logits.argmax(-1)
+    filtered = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    return torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
+             device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens `[b, P]`, valid `[b, P]`) with each prompt right-aligned."""
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise UsageError("generation needs at least one prompt and no empty prompt")
+    length = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), length), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros((len(prompts), length), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, length - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        valid[i, length - len(p):] = True
+    return tokens, valid
+
+
+def attention_mask(valid: torch.Tensor, queries: int) -> torch.Tensor:
+    """Megatron's boolean mask `[b, 1, q, k]` (True = masked) for the last `queries` of the
+    `k = valid.shape[1]` slots: causal, and no real token attends to padding."""
+    k = valid.shape[1]
+    q_pos = torch.arange(k - queries, k, device=valid.device).unsqueeze(1)
+    causal = torch.arange(k, device=valid.device).unsqueeze(0) <= q_pos  # [q, k]
+    allowed = causal.unsqueeze(0) & valid.unsqueeze(1)  # [b, q, k]
+    return ~allowed.unsqueeze(1)
+
+
+def position_ids(valid: torch.Tensor) -> torch.Tensor:
+    """Per-row positions counted from each row's first real token (0 on left padding)."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):  # DDP, Float16Module
+        model = model.module
+    return model
+
+
+def _last_logits(model: torch.nn.Module, tokens: torch.Tensor, valid: torch.Tensor,
+                 queries: int, context: StaticInferenceContext | None) -> torch.Tensor:
+    """Full-vocabulary logits `[b, V]` of the last slot, identical on every TP rank."""
+    inputs = tokens[:, -queries:]
+    logits = model(input_ids=inputs, position_ids=position_ids(valid)[:, -queries:],
+                   attention_mask=attention_mask(valid, queries), inference_context=context,
+                   runtime_gather_output=True)
+    return logits[:, -1, :].float()
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             vocab_size: int, pad_id: int, stop_ids: Sequence[int] = (),
+             sampling: SamplingParams | None = None, generator: torch.Generator | None = None,
+             use_cache: bool = True) -> Generation:
+    """Sample up to `max_new_tokens` after each prompt; a row stops after a token in `stop_ids`.
+
+    `model`: this rank's single model chunk (DDP/Float16 wrappers are fine), the very module the
+    optimizer updates. `vocab_size`: the tokenizer's; ids in the padding of the output layer are
+    never sampled. `generator` must be seeded identically on every TP rank.
+    """
+    sampling = sampling or SamplingParams(greedy=True)
+    inner = _unwrapped(model)
+    if not (getattr(inner, "pre_process", True) and getattr(inner, "post_process", True)):
+        raise ConfigError("parallel.pp", "generation runs the whole model on one pipeline stage; "
+                          "use parallel.pp=1 (tensor and data parallelism are supported)")
+    if inner.config.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel", "generation decodes one token at a time, "
+                          "which cannot be split over the sequence; set it to false")
+    device = next(inner.parameters()).device
+    tokens, valid = left_pad(prompts, pad_id, device)
+    prompt_length, b = tokens.shape[1], tokens.shape[0]
+    total = prompt_length + max_new_tokens
+    stop = torch.as_tensor(list(stop_ids), dtype=torch.long, device=device)
+    context = StaticInferenceContext(b, total) if use_cache else None
+    was_training = model.training
+    model.eval()
+    try:
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        queries = prompt_length
+        for _ in range(max_new_tokens):
+            logits = _last_logits(model, tokens, valid, queries if use_cache else tokens.shape[1],
+                                  context)
+            logits[:, vocab_size:] = float("-inf")
+            next_ids = sample_next(logits, sampling, generator)
+            next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
+            tokens = torch.cat([tokens, next_ids.unsqueeze(1)], dim=1)
+            valid = torch.cat([valid, (~done).unsqueeze(1)], dim=1)
+            done = done | torch.isin(next_ids, stop)
+            if context is not None:
+                context.sequence_len_offset += queries
+                context.enable_decode_mode()
+            queries = 1
+            if bool(done.all()):
+                break
+    finally:
+        model.train(was_training)
+    pad = total - tokens.shape[1]  # every row stopped early: fill the buffer to its full width
+    if pad:
+        tokens = torch.cat([tokens, tokens.new_full((b, pad), pad_id)], dim=1)
+        valid = torch.cat([valid, valid.new_zeros((b, pad))], dim=1)
+    return Generation(tokens, valid, prompt_length)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """A model that is never trained, ready for forwards: wrapped like the loop's chunks under
+    bf16 (megatron's Float16Module casts inputs and outputs), in eval mode, without gradients."""
+    if model.config.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(model.config, model)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_frozen(model: torch.nn.Module, path: str, new: tuple[str, ...] = ()) -> torch.nn.Module:
+    """`model` with the weights of the trainer checkpoint `path` (saved under any layout), frozen;
+    `new`: names of parameters the checkpoint may lack (see `checkpoint.load_weights`)."""
+    from trainer.checkpoint import load_weights
+
+    load_weights([model], path, new=new)
+    return frozen(model)
+
+
+# ---- kiln generate ------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kiln generate", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a checkpoint directory, or a checkpoints root (its latest)")
+    parser.add_argument("--prompt", required=True, action="append",
+                        help="prompt text (repeatable: one batch)")
+    parser.add_argument("--tokenizer", help="sentencepiece tokenizer directory; default: the one "
+                        "the run config names (<stage>.tokenizer)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true")
+    mode.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap the prompt as one user turn and open the assistant's")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def _encode(sp, text: str, chat: bool) -> list[int]:
+    """Prompt ids: plain text after `<s>`, or (`chat`) one user turn and the assistant header in
+    llmkiln's chat layout (`dataprep/chat/template.py`): <s> <|user|> text <|end|> <|assistant|>."""
+    if not chat:
+        return [sp.bos_id(), *sp.encode(text)]
+    user, end, assistant = (sp.piece_to_id(p) for p in ("<|user|>", "<|end|>", "<|assistant|>"))
+    if sp.unk_id() in (user, end, assistant):
+        raise UsageError("--chat needs a tokenizer with llmkiln's chat control tokens")
+    return [sp.bos_id(), user, *sp.encode(text), end, assistant]
+
+
+def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat: bool,
+        max_new_tokens: int, sampling: SamplingParams, seed: int) -> list[str]:
+    """Decoded continuations of `prompts` by the policy stored in a trainer checkpoint."""
+    import sentencepiece as spm
+    import yaml
+    from megatron.core import dist_checkpointing
+
+    from kiln.config import from_dict
+    from tensor_parallel import runtime
+    from trainer.checkpoint import resolve
+    from trainer.config import RunConfig
+    from trainer.model import build_gpt_chunks
+
+    path = resolve(checkpoint)
+    saved = dist_checkpointing.load_common_state_dict(path).get("config")
+    if saved is None:
+        raise UsageError(f"{path} holds no run config (not written by trainer/main.py)")
+    run_cfg = yaml.safe_load(saved)
+    stage = run_cfg.get("stage")
+    if stage == "rm":
+        raise UsageError(f"{path} is a reward model: it scores text, it has no LM head to sample")
+    tok_dir = tokenizer or (run_cfg.get(stage) or {}).get("tokenizer")
+    if not tok_dir or not os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):
+        raise UsageError("no tokenizer: pass --tokenizer DIR (a `kiln tokenizer` directory)")
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(tok_dir, "tokenizer.model"))
+    cfg = RunConfig(model=from_dict(RunConfig, {"model": run_cfg["model"]}).model)
+    cfg.train.seq_length = run_cfg.get("train", {}).get("seq_length", cfg.train.seq_length)
+    vocab = dist_checkpointing.load_tensors_metadata(path)[
+        "embedding.word_embeddings.weight"].global_shape[0]
+    stops = [sp.eos_id()] + ([sp.piece_to_id("<|end|>")] if chat else [])
+    runtime.init(seed=seed)
+    try:
+        [model] = build_gpt_chunks(cfg, vocab)
+        model = load_frozen(model, path)
+        gen = generate(model, [_encode(sp, p, chat) for p in prompts],
+                       max_new_tokens=max_new_tokens, vocab_size=sp.get_piece_size(),
+                       pad_id=sp.pad_id() if sp.pad_id() >= 0 else 0, stop_ids=stops,
+                       sampling=sampling, generator=torch.Generator().manual_seed(seed))
+    finally:
+        runtime.shutdown()
+    return [sp.decode([t for t in ids if t not in stops]) for ids in gen.completion_ids()]
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    sampling = SamplingParams(greedy=args.greedy, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p)
+    try:
+        sampling.check()
+    except ConfigError as exc:
+        message = str(exc).split(": ", 1)[1]
+        raise UsageError(f"--{exc.key.replace('_', '-')} {message}") from None
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be >= 1")
+    for text in run(args.checkpoint, args.prompt, tokenizer=args.tokenizer, chat=args.chat,
+                    max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed):
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from kiln.cli import entry
+
+    sys.exit(entry(main))
