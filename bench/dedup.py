@@ -29,7 +29,7 @@ from html.parser import HTMLParser
 import numpy as np
 from scipy import sparse
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repo root in place of bench/, whose tokenize.py would shadow the stdlib module
 
 import apache_beam as beam  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402

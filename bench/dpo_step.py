@@ -29,7 +29,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[0] = ROOT  # repo root in place of bench/, whose tokenize.py would shadow the stdlib module
 
 CONFIG = os.path.join(ROOT, "trainer", "configs", "tiny-dpo.yaml")
 DATA = os.path.join(ROOT, "trainer", "configs", "data", "sample-preference")

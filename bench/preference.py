@@ -17,7 +17,7 @@ import time
 import types
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repo root in place of bench/, whose tokenize.py would shadow the stdlib module
 
 from dataprep.chat.formats import HH_TURN, RecordError, RecordFiltered, iter_records, parse_record  # noqa: E402
 from dataprep.chat.lengths import LengthPolicy  # noqa: E402

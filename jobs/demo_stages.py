@@ -6,7 +6,10 @@ import gzip
 import json
 import os
 
-from jobs.demo import SAMPLE_DATA, Demo, StageResult
+from jobs.demo import REPO, SAMPLE_DATA, Demo, StageResult
+from kiln.log import get_logger
+
+log = get_logger(__name__)
 
 
 def crawl(demo: Demo) -> StageResult:
@@ -82,12 +85,125 @@ def preference_data(demo: Demo) -> StageResult:
     return _dataset_result("preference data", demo.path("preference-shards"))
 
 
+def prompts_data(demo: Demo) -> StageResult:
+    """HH-RLHF prompts (up to the assistant header) -> the `prompts` shards GRPO samples from."""
+    demo.kiln("preference", ["--input", os.path.join(SAMPLE_DATA,
+                                                     "hh-rlhf-harmless-base-test.jsonl.gz"),
+                             "--tokenizer", demo.path("tokenizer"),
+                             "--out", demo.path("prompt-shards"), "--format", "prompts",
+                             "--set", "length.max_prompt_tokens=96", *demo.beam_args()])
+    return _dataset_result("prompt data", demo.path("prompt-shards"))
+
+
 def validate(demo: Demo) -> StageResult:
     """`kiln validate` on every dataset before any training step is spent on it."""
     datasets = [demo.path(n) for n in ("corpus", "pretrain-shards", "sft-shards",
-                                       "preference-shards")]
+                                       "preference-shards", "prompt-shards")]
     demo.kiln("validate", datasets)
     return StageResult("validate", 0.0, metrics={"datasets": len(datasets)})
+
+
+# One model shape for every training stage: each starts from the previous stage's checkpoint.
+MODEL = ["model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=352",
+         "model.num_attention_heads=4", "model.num_query_groups=2"]
+
+
+def _train(demo: Demo, name: str, config: str, overrides: list[str],
+           keys: tuple[str, ...]) -> StageResult:
+    """`trainer/main.py --config trainer/configs/<config> --set ...` in a child process; the
+    result carries the first and last logged loss and the stage's own metrics."""
+    from trainer.launch import command, run
+
+    run_dir = demo.path(f"run-{name}")
+    args = [f"run_dir={run_dir}", *MODEL, *overrides]
+    config_path = os.path.join(REPO, "trainer", "configs", config)
+    log.info("$ %s", " ".join(command(config_path, args)))
+    run(config_path, args)
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in records if "loss" in r]
+    metrics: dict[str, object] = {"steps": train[-1]["step"], "loss_first": train[0]["loss"],
+                                  "loss_last": train[-1]["loss"]}
+    for key in keys:
+        values = [r[key] for r in records if key in r]
+        if values:
+            metrics[key] = values[-1]
+    return StageResult(name, 0.0, metrics=metrics, outputs=[run_dir])
+
+
+def _checkpoint(demo: Demo, name: str) -> str:
+    return os.path.join(demo.path(f"run-{name}"), "checkpoints")
+
+
+def pretrain(demo: Demo) -> StageResult:
+    """A tiny Llama-style model on the crawled, cleaned, tokenized Node.js docs."""
+    result = _train(demo, "pretrain", "tiny-pretrain.yaml", [
+        f"data.manifests=[{demo.path('pretrain-shards')}]", "data.split=98,2,0",
+        "train.steps=300", "train.seq_length=256", "train.micro_batch_size=8",
+        "train.global_batch_size=16", "train.eval_every=100", "train.log_every=10",
+        "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "schedule.warmup_steps=20"],
+        ("val_loss",))
+    result.metrics["unigram_entropy"] = unigram_entropy(demo.path("pretrain-shards"))
+    return result
+
+
+def sft(demo: Demo) -> StageResult:
+    """Supervised fine-tuning on HH-RLHF conversations (assistant tokens only), from pretrain."""
+    return _train(demo, "sft", "tiny-sft.yaml", [
+        f"data.manifests=[{demo.path('sft-shards')}]", f"sft.tokenizer={demo.path('tokenizer')}",
+        f"init.checkpoint={_checkpoint(demo, 'pretrain')}", "checkpoint.save=true",
+        "train.steps=80", "train.seq_length=256", "train.eval_every=40", "train.log_every=5",
+        "optimizer.lr=1e-3"], ("val_loss",))
+
+
+def reward_model(demo: Demo) -> StageResult:
+    """Bradley-Terry reward model on HH-RLHF pairs, from the SFT checkpoint."""
+    return _train(demo, "rm", "tiny-rm.yaml", [
+        f"data.manifests=[{demo.path('preference-shards')}]",
+        f"rm.tokenizer={demo.path('tokenizer')}", f"init.checkpoint={_checkpoint(demo, 'sft')}",
+        "checkpoint.save=true", "data.split=64,16,0", "train.steps=48", "train.seq_length=256",
+        "train.eval_every=24", "train.log_every=4", "optimizer.lr=3e-3",
+        "schedule.style=constant", "schedule.warmup_steps=0"],
+        ("reward_accuracy", "reward_margin", "val_reward_accuracy"))
+
+
+def dpo(demo: Demo) -> StageResult:
+    """DPO (sigmoid loss, precomputed reference) on HH-RLHF pairs, from the SFT checkpoint."""
+    return _train(demo, "dpo", "tiny-dpo.yaml", [
+        f"data.manifests=[{demo.path('preference-shards')}]",
+        f"dpo.tokenizer={demo.path('tokenizer')}", f"init.checkpoint={_checkpoint(demo, 'sft')}",
+        "checkpoint.save=true", "data.split=64,16,0", "train.steps=32", "train.seq_length=256",
+        "train.eval_every=16", "train.log_every=4", "optimizer.lr=3e-3",
+        "schedule.style=constant", "schedule.warmup_steps=0"],
+        ("reward_accuracy", "reward_margin", "val_reward_accuracy"))
+
+
+def grpo(demo: Demo) -> StageResult:
+    """GRPO from the DPO policy, rewarded by the demo's reward model, KL to the DPO reference."""
+    return _train(demo, "grpo", "tiny-grpo.yaml", [
+        f"data.manifests=[{demo.path('prompt-shards')}]",
+        f"grpo.tokenizer={demo.path('tokenizer')}", f"init.checkpoint={_checkpoint(demo, 'dpo')}",
+        f"grpo.reward_model={_checkpoint(demo, 'rm')}", "grpo.reward_function=null",
+        "grpo.stop_token_ids=[3]", "grpo.max_new_tokens=24", "train.seq_length=128",
+        "train.steps=12", "checkpoint.save=true"],
+        ("reward_mean", "kl"))
+
+
+def unigram_entropy(shard_dir: str) -> float:
+    """Entropy (nats) of the token unigram distribution: the loss of the best context-free model."""
+    import numpy as np
+
+    from schemas.indexed import IndexedReader
+    from schemas.manifest import read_manifest
+
+    counts = np.zeros(0, dtype=np.int64)
+    for shard in read_manifest(shard_dir).shards:
+        reader = IndexedReader(os.path.join(shard_dir, shard.path).removesuffix(".bin"))
+        c = np.bincount(np.concatenate([reader[i] for i in range(len(reader))]).astype(np.int64))
+        counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
+        counts[:len(c)] += c
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def _dataset_result(name: str, directory: str) -> StageResult:
@@ -107,5 +223,11 @@ STAGES = [
     ("tokenize", tokenize),
     ("sft-data", sft_data),
     ("preference-data", preference_data),
+    ("prompt-data", prompts_data),
     ("validate", validate),
+    ("pretrain", pretrain),
+    ("sft", sft),
+    ("rm", reward_model),
+    ("dpo", dpo),
+    ("grpo", grpo),
 ]
