@@ -33,23 +33,7 @@ from dataclasses import dataclass
 from dataprep import special_tokens as st
 from dataprep.chat.formats import Message
 from dataprep.tokenizer import SentencePieceTokenizer, Tokenizer
-
-_HEADERS = ", ".join(f"'{role}': '{token}'" for role, token in st.ROLE_TOKENS.items())
-CHAT_TEMPLATE_JINJA = (
-    "{{ bos_token }}"
-    f"{{% set headers = {{{_HEADERS}}} %}}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in headers %}"
-    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
-    "{{ headers[message['role']] }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}"
-    f"{{{{ message['content'] + '{st.END_OF_TURN}' }}}}"
-    "{% if loop.last and not add_generation_prompt %}{{ eos_token }}{% endif %}"
-    "{% endgeneration %}"
-    f"{{% else %}}{{{{ message['content'] + '{st.END_OF_TURN}' }}}}{{% endif %}}"
-    "{% endfor %}"
-    f"{{% if add_generation_prompt %}}{{{{ '{st.ASSISTANT}' }}}}{{% endif %}}"
-)
+from schemas.chat import CHAT_TEMPLATE_JINJA  # noqa: F401 (re-exported for the data side)
 
 
 @dataclass(frozen=True)

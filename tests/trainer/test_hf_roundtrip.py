@@ -86,7 +86,7 @@ def test_import_records_config_tokenizer_and_layout(models: Path, tmp_path: Path
 
 
 def test_llama_with_tokenizer_exports_our_chat_template(models: Path, tmp_path: Path) -> None:
-    template = pytest.importorskip("dataprep.chat.template").CHAT_TEMPLATE_JINJA
+    from schemas.chat import CHAT_TEMPLATE_JINJA as template
     assert cli(import_hf.main, models / "llama", "--out", tmp_path / "ckpt") == 0
     assert cli(export_hf.main, tmp_path / "ckpt", "--out", tmp_path / "hf") == 0
     config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())

@@ -24,6 +24,7 @@ from kiln.errors import DataError, UsageError
 from kiln.log import get_logger
 from kiln.paths import atomic_dir
 from kiln.progress import counter
+from schemas.chat import CHAT_TEMPLATE_JINJA
 from trainer.config import ModelConfig
 from trainer.hf.config_map import hf_from_model
 from trainer.hf.dcp import CheckpointReader, load_common
@@ -200,11 +201,6 @@ def read_json(path: str) -> dict[str, Any] | None:
 def chat_template(choice: str) -> str | None:
     if choice != "ours":
         return None
-    try:  # the data side owns the template (dataprep/chat); exporting bridges the two sides
-        from dataprep.chat.template import CHAT_TEMPLATE_JINJA
-    except ImportError:
-        raise UsageError("--chat-template ours needs dataprep.chat.template (the SFT data "
-                         "package); use --chat-template source or none") from None
     return CHAT_TEMPLATE_JINJA
 
 
