@@ -402,6 +402,11 @@ def _parse_unpaired(r: dict[str, Any]) -> UnpairedExample:
 
 
 def _parse_prompts(r: dict[str, Any]) -> PromptExample:
+    if "prompt" not in r and "messages" not in r and "chosen" in r:
+        # a preference record (HH transcripts or pairs): its prompt is the shared conversation
+        pair = (_parse_hh if isinstance(r.get("chosen"), str) and HH_TURN.search(r["chosen"])
+                else _parse_pairs)(r)
+        return PromptExample(pair.prompt_messages, None)
     prompt = _prompt(r["messages"], "messages") if "messages" in r and "prompt" not in r \
         else _prompt(_field(r, "prompt", (str, list)))
     ref = r.get("reference", r.get("answer"))

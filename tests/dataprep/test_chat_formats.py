@@ -176,3 +176,15 @@ def test_parquet_rows_with_nested_messages(tmp_path):
     assert [n for n, _, _ in got] == [1, 2, 3]
     assert parse_record(got[0][1], detect_format(got[0][1])) == [conv((U, "q"), (A, "a"))]
     assert json.dumps(got[0][1])
+
+
+def test_prompts_format_takes_the_shared_prompt_of_preference_records():
+    hh = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant: No.",
+          "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant: Sure."}
+    [example] = parse_record(hh, "prompts")
+    assert [(m.role, m.content) for m in example.prompt_messages] == [
+        ("user", "Hi there"), ("assistant", "Hello!"), ("user", "Tell me a joke")]
+    pairs = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "b"}]}
+    [example] = parse_record(pairs, "prompts")
+    assert [(m.role, m.content) for m in example.prompt_messages] == [("user", "hi")]
