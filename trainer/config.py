@@ -71,6 +71,10 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError("optimizer.min_lr", f"{self.min_lr} is above optimizer.lr {self.lr}")
+
 
 @dataclass
 class ScheduleConfig:
