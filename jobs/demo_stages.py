@@ -156,27 +156,26 @@ def sft(demo: Demo) -> StageResult:
         "optimizer.lr=1e-3"], ("val_loss",))
 
 
-def _on_pairs(demo: Demo, stage: str, steps: int) -> StageResult:
-    """A preference stage from the SFT checkpoint on the first 64 HH-RLHF pairs (16 held out):
-    the issue's learning check is reward accuracy on the training pairs within this budget."""
+def _on_pairs(demo: Demo, stage: str, steps: int, lr: float) -> StageResult:
+    """A preference stage from the SFT checkpoint on the first 32 HH-RLHF pairs (16 held out)."""
     return _train(demo, stage, f"tiny-{stage}.yaml", [
         f"data.manifests=[{demo.path('preference-shards')}]",
         f"{stage}.tokenizer={demo.path('tokenizer')}",
         f"init.checkpoint={_checkpoint(demo, 'sft')}", "checkpoint.save=true",
-        "data.split=64,16,0", f"train.steps={steps}", "train.seq_length=256",
-        f"train.eval_every={steps // 2}", "train.log_every=4", "optimizer.lr=3e-3",
-        "schedule.style=constant", "schedule.warmup_steps=0"],
+        "data.split=32,16,0", f"train.steps={steps}", "train.seq_length=256",
+        f"train.eval_every={steps // 2}", "train.log_every=4", f"optimizer.lr={lr}",
+        f"optimizer.min_lr={lr}", "schedule.style=constant", "schedule.warmup_steps=0"],
         ("reward_accuracy", "reward_margin", "val_reward_accuracy"))
 
 
 def reward_model(demo: Demo) -> StageResult:
     """Bradley-Terry reward model (scalar head on the SFT backbone)."""
-    return _on_pairs(demo, "rm", 48)
+    return _on_pairs(demo, "rm", 40, 1e-3)
 
 
 def dpo(demo: Demo) -> StageResult:
     """DPO (sigmoid loss, reference log-probs precomputed in one pass)."""
-    return _on_pairs(demo, "dpo", 32)
+    return _on_pairs(demo, "dpo", 32, 1e-4)
 
 
 def grpo(demo: Demo) -> StageResult:
@@ -186,7 +185,7 @@ def grpo(demo: Demo) -> StageResult:
         f"grpo.tokenizer={demo.path('tokenizer')}", f"init.checkpoint={_checkpoint(demo, 'dpo')}",
         f"grpo.reward_model={_checkpoint(demo, 'rm')}", "grpo.reward_function=null",
         "grpo.stop_token_ids=[3]", "grpo.max_new_tokens=24", "train.seq_length=128",
-        "train.steps=12", "checkpoint.save=true"],
+        "train.steps=12", "optimizer.lr=1e-4", "optimizer.min_lr=1e-4", "checkpoint.save=true"],
         ("reward_mean", "kl"))
 
 
