@@ -1,5 +1,6 @@
-"""An imported model trains with `trainer/main.py` (pretrain stage, PP=2, `init.checkpoint` from the
-import), exports to HF, and transformers then gives our logits and our greedy continuation."""
+"""An imported model fine-tunes with `trainer/main.py` (SFT stage on shards `kiln sft` made with the
+imported tokenizer, PP=2, `init.checkpoint` from the import), exports to HF, and transformers then
+gives our logits and our greedy continuation."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kiln.cli import main as kiln
 from kiln.cli import run_main
 from tests.trainer.conftest import ROOT, child_env, losses
 from tests.trainer.hf_util import TOKENS, hf_logits, make_model, run_driver, safetensors_dir
@@ -18,7 +20,7 @@ from trainer.launch import command
 pytestmark = pytest.mark.slow
 
 PROMPT, STEPS = [2, 10, 50, 77], 8
-SAMPLE = str(ROOT / "trainer" / "configs" / "data" / "sample-pretrain")
+CHATS = ROOT / "jobs" / "sample_data" / "hh-rlhf-chosen-messages.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +29,16 @@ def trained(tmp_path_factory) -> Path:
     make_model("qwen2", root / "source")  # tied embeddings + QKV bias: the delicate export
     assert run_main(import_hf.main, [str(root / "source"), "--out", str(root / "ckpt"),
                                      "--pp", "2"]) == 0
-    overrides = [f"data.manifests=[{SAMPLE}]", "train.steps=3", "train.seq_length=32",
+    chats = root / "chats.jsonl"
+    chats.write_text("".join(CHATS.read_text().splitlines(keepends=True)[:24]))
+    tokenizer = str(root / "ckpt" / "tokenizer")
+    assert kiln(["sft", "--input", str(chats), "--tokenizer", tokenizer, "--out",
+                 str(root / "sft"), "--set", "length.max_total_tokens=64",
+                 "--set", "length.min_completion_tokens=8"]) == 0
+    overrides = ["stage=sft", f"data.manifests=[{root / 'sft'}]", f"sft.tokenizer={tokenizer}",
+                 "data.split=20,4,0", "train.steps=3", "train.seq_length=64",
                  "train.micro_batch_size=2", "train.global_batch_size=4", "train.eval_every=0",
-                 "train.log_every=1", "optimizer.lr=2e-3", "schedule.warmup_steps=0",
+                 "train.log_every=1", "optimizer.lr=1e-4", "optimizer.min_lr=1e-5", "schedule.warmup_steps=0",
                  f"run_dir={root / 'run'}"]
     proc = subprocess.run(command(str(root / "ckpt" / "model.yaml"), overrides, nproc=2),
                           cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=400)
@@ -48,7 +57,7 @@ def test_training_started_from_the_imported_weights(trained: Path) -> None:
     before, after = safetensors_dir(trained / "source"), safetensors_dir(trained / "hf")
     assert sorted(before) == sorted(after) and "lm_head.weight" not in after  # tied
     moved = {k: (after[k] - before[k]).abs().max().item() for k in before}
-    # Three Adam steps at lr 2e-3 move each weight by at most ~3 * 2e-3: from the imported
+    # Three Adam steps at lr 1e-4 move each weight by at most ~3 * 1e-4: from the imported
     # weights, not from a fresh initialisation.
     assert all(0 < m < 0.02 for m in moved.values()), moved
 

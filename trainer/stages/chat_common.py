@@ -9,6 +9,7 @@ shards made with another tokenizer are refused.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from trainer.stages import Batch, LossOutput, Stage
 
 @dataclass
 class ChatOptions:
-    # The model's tokenizer: a tokenizer directory (its fingerprint.txt) or the sha256 fingerprint.
-    # None: shards are not checked against it.
+    # The model's tokenizer: a `kiln tokenizer` directory (its fingerprint.txt), a Hugging Face
+    # tokenizer directory (e.g. CKPT/tokenizer from `kiln import-hf`: sha256 of tokenizer.json, as
+    # the data jobs compute it), or the sha256 fingerprint. None: shards are not checked.
     tokenizer: str | None = None
 
 
@@ -37,12 +39,16 @@ def expected_fingerprint(tokenizer: str | None, key: str) -> str | None:
     if tokenizer is None:
         return None
     path = os.path.join(tokenizer, "fingerprint.txt")
+    hf_json = os.path.join(tokenizer, "tokenizer.json")
     if os.path.isdir(tokenizer):
-        if not os.path.exists(path):
-            raise ConfigError(key, f"{tokenizer} has no fingerprint.txt (not a `kiln tokenizer` "
-                              "directory); give the fingerprint itself")
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip()
+        if os.path.exists(hf_json):
+            with open(hf_json, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        raise ConfigError(key, f"{tokenizer} has neither fingerprint.txt (a `kiln tokenizer` "
+                          "directory) nor tokenizer.json (Hugging Face); give the fingerprint")
     return tokenizer
 
 
