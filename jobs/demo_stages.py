@@ -68,31 +68,31 @@ def tokenize(demo: Demo) -> StageResult:
 
 
 def sft_data(demo: Demo) -> StageResult:
-    """HH-RLHF chosen conversations -> packed SFT shards."""
+    """HH-RLHF chosen conversations -> SFT shards (assistant-only loss masks)."""
     demo.kiln("sft", ["--input", os.path.join(SAMPLE_DATA, "hh-rlhf-chosen-messages.jsonl"),
                       "--tokenizer", demo.path("tokenizer"), "--out", demo.path("sft-shards"),
                       "--max-seq-len", "256", *demo.beam_args()])
     return _dataset_result("sft data", demo.path("sft-shards"))
 
 
-def preference_data(demo: Demo) -> StageResult:
-    """HH-RLHF chosen/rejected transcripts -> preference shards (prompt/chosen/rejected ids)."""
+def _from_hh(demo: Demo, name: str, fmt: str, length: str) -> StageResult:
+    """`kiln preference --format <fmt>` over the embedded HH-RLHF sample into `<name>`."""
     demo.kiln("preference", ["--input", os.path.join(SAMPLE_DATA,
                                                      "hh-rlhf-harmless-base-test.jsonl.gz"),
-                             "--tokenizer", demo.path("tokenizer"),
-                             "--out", demo.path("preference-shards"), "--format", "hh",
-                             "--set", "length.max_total_tokens=256", *demo.beam_args()])
-    return _dataset_result("preference data", demo.path("preference-shards"))
+                             "--tokenizer", demo.path("tokenizer"), "--out", demo.path(name),
+                             "--format", fmt, "--set", length, *demo.beam_args()])
+    return _dataset_result(name.removesuffix("-shards").replace("-", " ") + " data",
+                           demo.path(name))
+
+
+def preference_data(demo: Demo) -> StageResult:
+    """HH-RLHF chosen/rejected transcripts -> preference shards (prompt/chosen/rejected ids)."""
+    return _from_hh(demo, "preference-shards", "hh", "length.max_total_tokens=256")
 
 
 def prompts_data(demo: Demo) -> StageResult:
     """HH-RLHF prompts (up to the assistant header) -> the `prompts` shards GRPO samples from."""
-    demo.kiln("preference", ["--input", os.path.join(SAMPLE_DATA,
-                                                     "hh-rlhf-harmless-base-test.jsonl.gz"),
-                             "--tokenizer", demo.path("tokenizer"),
-                             "--out", demo.path("prompt-shards"), "--format", "prompts",
-                             "--set", "length.max_prompt_tokens=96", *demo.beam_args()])
-    return _dataset_result("prompt data", demo.path("prompt-shards"))
+    return _from_hh(demo, "prompt-shards", "prompts", "length.max_prompt_tokens=96")
 
 
 def validate(demo: Demo) -> StageResult:
