@@ -40,8 +40,10 @@ META = b"kiln.reference"
 FILE = "reference_logps.arrow"
 
 
-def reference_identity(cfg: Any, manifest_shards: list) -> dict[str, Any]:
-    """What the stored log-probs depend on (not the parallel layout: any layout gives them)."""
+def reference_identity(cfg: Any, manifest_shards: list,
+                       rows: np.ndarray | None = None) -> dict[str, Any]:
+    """What the stored log-probs depend on (not the parallel layout: any layout gives them),
+    including which dataset rows were computed when not all of them."""
     init = cfg.init.checkpoint
     if init is not None:
         from trainer.checkpoint import resolve
@@ -49,15 +51,19 @@ def reference_identity(cfg: Any, manifest_shards: list) -> dict[str, Any]:
         init = os.path.abspath(resolve(init))
     return {"init_checkpoint": init, "seed": None if init else cfg.train.seed,
             "model": to_dict(cfg.model), "stage": cfg.stage,
-            "data": hashlib.sha256("".join(s.sha256 for s in manifest_shards).encode()).hexdigest()}
+            "data": hashlib.sha256("".join(s.sha256 for s in manifest_shards).encode()).hexdigest(),
+            "rows": None if rows is None else hashlib.sha256(
+                np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()}
 
 
 class ReferenceLogps:
     """Per-row reference log-probs `[rows, 2]` on the last pipeline stage (None elsewhere)."""
 
     def __init__(self, path: str, identity: dict[str, Any], ids: list[str],
-                 columns: tuple[str, str]) -> None:
+                 columns: tuple[str, str], rows: np.ndarray | None = None) -> None:
         self.path, self.identity, self.ids, self.columns = path, identity, ids, columns
+        # the dataset rows the stage uses (train and validation); the others stay NaN
+        self.rows = np.arange(len(ids)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.values: torch.Tensor | None = None
 
     def lookup(self, index: torch.Tensor) -> torch.Tensor:
@@ -65,7 +71,11 @@ class ReferenceLogps:
         if self.values is None:
             raise DataError(f"no reference log-probs: they are computed before the first training "
                             f"step, or read from {self.path} when a run resumes", path=self.path)
-        return self.values.to(index.device)[index]
+        values = self.values.to(index.device)[index]
+        if torch.isnan(values).any():
+            raise DataError("a batch holds rows whose reference log-probs were not computed "
+                            "(outside the train/valid split they were made for)", path=self.path)
+        return values
 
     def ensure(self, step: int, model: list[torch.nn.Module],
                batch: Callable[[np.ndarray], Batch],
@@ -93,8 +103,8 @@ class ReferenceLogps:
     def _compute(self, model, batch, forward, sequence_logps, micro_batch_size: int,
                  seq_length: int) -> torch.Tensor | None:
         n, dp, rank = len(self.ids), runtime.dp_size(), runtime.dp_rank()
-        mine = np.arange(rank, n, dp)
-        num_micro = max(1, math.ceil(math.ceil(n / dp) / micro_batch_size))
+        mine = self.rows[rank::dp]
+        num_micro = max(1, math.ceil(math.ceil(len(self.rows) / dp) / micro_batch_size))
         pp = runtime.layout().pp
         num_micro = math.ceil(num_micro / pp) * pp  # interleaved schedules want a multiple of PP
         # every DP rank runs the same number of micro-batches: pad with repeats of its own rows
@@ -129,7 +139,9 @@ class ReferenceLogps:
             index, logps = r["index"], r["logps"].view(2, -1).T  # [b, 2]: first half, second half
             values[index] = logps
         runtime.dp_all_reduce(values)  # each row was computed by exactly one DP rank
-        log.info("reference log-probs of %d rows computed", n)
+        unused = np.setdiff1d(np.arange(n), self.rows)
+        values[torch.from_numpy(unused).to(values.device)] = float("nan")
+        log.info("reference log-probs of %d of %d rows computed", len(self.rows), n)
         return values.cpu()
 
     def _write(self, values: torch.Tensor) -> None:

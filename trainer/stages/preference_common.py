@@ -46,9 +46,10 @@ class TwoSequenceStage(ChatStage):
         if self.uses_reference:
             path = self.opts.reference_path or os.path.join(self.cfg.run_dir, FILE)
             ids = self.data.table.column("id").to_pylist()
+            used = np.union1d(self.train_rows, self.valid_rows)  # only what is trained/validated
             self.reference = ReferenceLogps(
-                path, reference_identity(self.cfg, self.data.manifest.shards), ids,
-                self.reference_columns)
+                path, reference_identity(self.cfg, self.data.manifest.shards, used), ids,
+                self.reference_columns, rows=used)
 
     def collate(self, indices: np.ndarray) -> ArrayBatch:
         return collate_preference(self.data.rows(indices), self.seq_len(), self.pad_id,
