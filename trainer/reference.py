@@ -68,6 +68,8 @@ class ReferenceLogps:
 
     def lookup(self, index: torch.Tensor) -> torch.Tensor:
         """`[b, 2]` for the dataset rows `index` (last pipeline stage)."""
+        if self.values is None:  # evaluation of a finished run: no step, so no `ensure`
+            self.values = self._read()
         if self.values is None:
             raise DataError(f"no reference log-probs: they are computed before the first training "
                             f"step, or read from {self.path} when a run resumes", path=self.path)
