@@ -36,7 +36,7 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from dataprep.dedup import MinHashConfig, MinHashDedup, shingles  # noqa: E402
 
-DATA = "/work/shared/data"
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "sample_data")
 BANDS = [(0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.0)]
 CONFIG = MinHashConfig()
 

@@ -37,7 +37,7 @@ import time
 # the standard `tokenize` module (linecache imports it): put the repository root there instead.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-DATA = "/work/shared/data"
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "sample_data")
 
 
 class _Text(html.parser.HTMLParser):

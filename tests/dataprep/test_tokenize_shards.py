@@ -28,7 +28,7 @@ from kiln.errors import DataError, UsageError
 from schemas.indexed import IndexedReader, check_pair
 from schemas.manifest import ShardEntry
 
-HH = "/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
+HH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs", "sample_data", "hh-rlhf-harmless-base-test.jsonl.gz")
 EOS, BOS = 3, 2
 
 

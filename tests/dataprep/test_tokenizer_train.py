@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import pickle
 import random
 
@@ -22,7 +23,7 @@ from dataprep.tokenizer import (
 )
 from kiln.errors import UsageError
 
-HH = "/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
+HH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs", "sample_data", "hh-rlhf-harmless-base-test.jsonl.gz")
 
 
 @pytest.fixture(scope="module")

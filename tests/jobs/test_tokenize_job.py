@@ -24,7 +24,7 @@ from schemas.indexed import IndexFormatError, check_pair
 from schemas.manifest import Manifest, read_manifest, write_manifest
 from schemas.shards import write_parquet_shard
 
-DATA = "/work/shared/data"
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs", "sample_data")
 MAX_DOC = 512
 DIRECT = ["--runner=DirectRunner"]
 TWO_WORKERS = DIRECT + ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
