@@ -3,10 +3,14 @@
 Layout on disk: `<dir>/step-00000042/` (one dist checkpoint) and `<dir>/latest` (its name). A save
 writes `<dir>/.partial-step-…/`, renames it into place and only then moves `latest`, so a crash at
 any moment leaves the previous checkpoint and `latest` intact. Tensors are stored by global name
-and offset, so a run with another TP/PP/DP layout loads the same weights. Resuming restores
-weights, optimizer, LR schedule, data position and RNG; the optimizer state is stored per DP rank,
-so under a new TP/PP split a resume keeps weights, schedule and data position and restarts Adam's
-moments (with a warning); the per-rank RNG state is restored only under the same layout.
+and offset, so a run with another TP/PP/VPP/DP layout loads the same weights. Resuming restores
+weights, optimizer, LR schedule, data position and RNG. Adam's moments (and fp32 master weights)
+are stored like the weights, one tensor per parameter under the parameter's global name (megatron's
+`fully_reshardable` format for the distributed optimizer; the plain optimizer's own format), so a
+resume under any other TP/PP/VPP/DP layout continues exactly; the per-rank RNG state is restored
+only under the same layout. Moments restart (with a warning) only when `distributed_optimizer` was
+switched, or for an older checkpoint whose distributed optimizer state is per DP rank
+(`dp_reshardable`) resumed under a new TP/PP/VPP/CP split.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import shutil
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel as mp
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from kiln.config import dump_yaml
 from kiln.errors import ConfigError
@@ -34,9 +40,14 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 LATEST = "latest"
-# Optimizer state as raw per-DP-rank buffers: torch Adam keeps a per-parameter `step` that
-# megatron 0.16.1's reshardable formats drop on load, so resuming keeps the TP/PP layout.
-_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# How the optimizer state is laid out (Megatron-LM's choice with --dist-ckpt-optim-fully-reshardable):
+# the distributed optimizer gathers its DP shards and stores each parameter's state as a tensor of
+# the parameter's shape; no `chained_` key prefix. Stored as the checkpoint's content metadata, so
+# a load builds the state dict the checkpoint was written with.
+_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
+             "singleton_local_shards": False}
+# Checkpoints without content metadata (before the format above): per-DP-rank optimizer buffers.
+_LEGACY_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def checkpoint_root(cfg: Any) -> str:
@@ -91,12 +102,13 @@ def _model_state(model: list[torch.nn.Module]) -> dict[str, Any]:
     return {f"chunk{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
 
 
-def _state_dict(t: Trainer, *, optimizer: bool, rng: bool, is_loading: bool) -> dict:
+def _state_dict(t: Trainer, *, optimizer: dict | None, rng: bool, is_loading: bool) -> dict:
+    """Model (+ optimizer in the format `optimizer` names, + this rank's RNG) as sharded state."""
     model_sd = _model_state(t.model)
     sd: dict[str, Any] = {"model": model_sd}
-    if optimizer:
+    if optimizer is not None:
         sd["optimizer"] = t.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                       metadata=_METADATA)
+                                                       metadata=optimizer)
     if rng:
         sd["rng_state"] = _rng_object()
     return sd
@@ -112,10 +124,10 @@ def save(t: Trainer) -> str:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     runtime.barrier()
-    sd = _state_dict(t, optimizer=True, rng=True, is_loading=False)
+    sd = _state_dict(t, optimizer=_METADATA, rng=True, is_loading=False)
     sd.update(scheduler=t.scheduler.state_dict(), train_state=dataclasses.asdict(t.state),
               layout=_layout_key(), config=dump_yaml(t.cfg))
-    dist_checkpointing.save(sd, partial)
+    dist_checkpointing.save(sd, partial, content_metadata=_METADATA)
     runtime.barrier()
     if runtime.rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -187,6 +199,44 @@ def _set_adam_steps(optimizer: Any, updates: int) -> None:
                 state["step"] = torch.tensor(float(updates))
 
 
+def _load_optimizer(optimizer: Any, loaded: Any, updates: int) -> None:
+    """Load the optimizer state `dist_checkpointing` read (in the format it was saved in).
+
+    A distributed optimizer's fully reshardable state is loaded in megatron's two parts, with
+    torch Adam's per-parameter `step` set aside in between: 0.16.1's per-parameter loader copies
+    every state entry of the live optimizer from the checkpoint, which (by design) has no `step`,
+    so it fails on the key. The step is re-derived from the number of applied updates.
+    """
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
+    for sub, sd in zip(subs, parts, strict=True):
+        if not (isinstance(sub, DistributedOptimizer)
+                and sd.get("param_state_sharding_type") == "fully_reshardable"):
+            sub.load_state_dict(sd)
+            continue
+        param_state = sd.pop("param_state")
+        del sd["param_state_sharding_type"]
+        sub.load_state_dict(sd)  # param groups, grad scaler and the shared step
+        steps = {p: s.pop("step") for p, s in sub.optimizer.state.items() if "step" in s}
+        sub.load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            sub.optimizer.state[p]["step"] = step
+    _set_adam_steps(optimizer, updates)
+
+
+def _why_moments_restart(t: Trainer, common: dict, metadata: dict, same_split: bool) -> str | None:
+    """Why the checkpoint's optimizer state cannot be loaded into this run; None when it can."""
+    saved = yaml.safe_load(common["config"])["parallel"].get("distributed_optimizer", True)
+    now = t.cfg.parallel.distributed_optimizer
+    if saved != now:
+        return f"parallel.distributed_optimizer was {saved}, now {now} (different state layouts)"
+    kind = metadata.get("distrib_optim_sharding_type")
+    if now and not same_split and kind != "fully_reshardable":
+        return (f"its distributed optimizer state ({kind}, an older format) is stored per "
+                "DP rank of the TP/PP/VPP/CP split it was saved under")
+    return None
+
+
 @torch.no_grad()
 def restore(t: Trainer) -> None:
     """Resume from `<checkpoint dir>/latest`, else start from `init.checkpoint`, else do nothing."""
@@ -200,23 +250,27 @@ def restore(t: Trainer) -> None:
             log.info("initial weights from %s", init)
         return
     common = dist_checkpointing.load_common_state_dict(path)
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
+    metadata = metadata or _LEGACY_METADATA
     saved, now = common.get("layout"), _layout_key()
     same_split = saved is not None and saved[:4] == now[:4]  # TP, PP, VPP, CP (DP may differ)
-    if same_split:
+    restart = _why_moments_restart(t, common, metadata, same_split)
+    if restart is None:
         _allocate_optimizer_state(t.optimizer)
     else:
-        log.warning("resuming %s under TP/PP/VPP/CP %s (saved %s): weights, LR schedule and data "
-                    "position carry over; Adam moments restart from zero", path, now[:4], saved)
-    sd = _state_dict(t, optimizer=same_split, rng=saved == now, is_loading=True)
+        log.warning("resuming %s under TP/PP/VPP/CP/DP %s (saved %s): %s; weights, LR schedule and "
+                    "data position carry over, Adam moments restart from zero", path, now, saved,
+                    restart)
+    sd = _state_dict(t, optimizer=metadata if restart is None else None, rng=saved == now,
+                     is_loading=True)
     loaded = dist_checkpointing.load(sd, path)
     for i, chunk in enumerate(t.model):
         unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
     for key, value in common["train_state"].items():
         setattr(t.state, key, value)
     t.scheduler.load_state_dict(common["scheduler"])
-    if same_split:
-        t.optimizer.load_state_dict(loaded["optimizer"])
-        _set_adam_steps(t.optimizer, t.state.step - t.state.skipped_steps)
+    if restart is None:
+        _load_optimizer(t.optimizer, loaded["optimizer"], t.state.step - t.state.skipped_steps)
     if saved == now:  # RNG streams are per rank: meaningful only under the same layout
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["cpu"])

@@ -93,3 +93,56 @@ def test_loss_falls_below_unigram_entropy(tmp_path: Path) -> None:
     entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
     run_layouts(tmp_path, {"learn": ["checkpoint.save=false"]})
     assert val_loss(tmp_path / "learn") < entropy - 0.4
+
+
+# Resume under another layout: 3 steps saved under one layout, 3 more under another, compared with
+# 6 uninterrupted steps at TP=PP=DP=1. lr 5e-3: a restart of Adam's moments moves the losses after
+# the resume by ~0.2 (test_switching_optimizer_restarts_moments), far beyond the tolerance.
+RESHARD = ["train.steps=6", "train.log_every=1", "train.eval_every=0", "schedule.decay_steps=6",
+           "checkpoint.save=false"]
+SAVE_AT_3 = ["train.steps=3", "checkpoint.save=true"]
+PLAIN = "parallel.distributed_optimizer=false"
+FOUR = "model.num_layers=4"
+
+# name -> (saving ranks, saving overrides, resuming ranks, resuming overrides, reference run)
+RESHARDS = {
+    "tp2_to_tp1": (2, ["parallel.tp=2"], 1, [], "ref"),
+    "pp2_to_pp1": (2, ["parallel.pp=2"], 1, [], "ref"),
+    "dp2_to_dp1": (2, [], 1, [], "ref"),
+    "tp1_to_tp2": (1, [], 2, ["parallel.tp=2"], "ref"),
+    "plain_tp2_to_tp1": (2, ["parallel.tp=2", PLAIN], 1, [PLAIN], "ref"),
+    "plain_tp1_to_pp2": (1, [PLAIN], 2, ["parallel.pp=2", PLAIN], "ref"),
+    "plain_vpp2_to_pp1": (2, ["parallel.pp=2", "parallel.vpp=2", FOUR, PLAIN], 1, [FOUR, PLAIN],
+                          "ref4"),
+    "switch_optimizer": (1, [], 1, [PLAIN], "ref"),  # the one case where moments restart
+}
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory) -> Path:
+    """Save runs, then resumes (each in its own run dir, reading the save run's checkpoints)."""
+    out = tmp_path_factory.mktemp("reshard")
+    saves = {n: {f"save_{name}": [*o, *SAVE_AT_3] for name, (s, o, *_) in RESHARDS.items() if s == n}
+             for n in (1, 2)}
+    resumes = {n: {name: [*o, f"checkpoint.dir={out / f'save_{name}' / 'checkpoints'}"]
+                   for name, (_, _, r, o, _) in RESHARDS.items() if r == n} for n in (1, 2)}
+    run_layouts(out, {"ref": [], "ref4": [FOUR], **saves[1]}, *RESHARD)
+    run_layouts(out, {**saves[2], **resumes[2]}, *RESHARD, nproc=2)
+    run_layouts(out, resumes[1], *RESHARD)
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n in RESHARDS if n != "switch_optimizer"])
+def test_resume_under_another_layout_continues_exactly(resharded: Path, name: str) -> None:
+    """Weights, Adam's moments, schedule and data position all carry over to the new layout."""
+    ref = resharded / RESHARDS[name][-1]
+    assert [r["step"] for r in metrics(resharded / name)] == [4, 5, 6]
+    assert losses(resharded / name) == pytest.approx(losses(ref)[3:], abs=1e-5, rel=0)
+    assert val_loss(resharded / name) == pytest.approx(val_loss(ref), abs=1e-5, rel=0)
+
+
+def test_switching_optimizer_restarts_moments(resharded: Path) -> None:
+    """Distributed -> plain optimizer keeps weights but not moments: the losses after step 4 move."""
+    got, ref = losses(resharded / "switch_optimizer"), losses(resharded / "ref")[3:]
+    assert got[0] == pytest.approx(ref[0], abs=1e-5, rel=0)  # the weights carried over
+    assert abs(got[1] - ref[1]) > 1e-2
