@@ -202,10 +202,12 @@ def _set_adam_steps(optimizer: Any, updates: int) -> None:
 def _load_optimizer(optimizer: Any, loaded: Any, updates: int) -> None:
     """Load the optimizer state `dist_checkpointing` read (in the format it was saved in).
 
-    A distributed optimizer's fully reshardable state is loaded in megatron's two parts, with
-    torch Adam's per-parameter `step` set aside in between: 0.16.1's per-parameter loader copies
-    every state entry of the live optimizer from the checkpoint, which (by design) has no `step`,
-    so it fails on the key. The step is re-derived from the number of applied updates.
+    A distributed optimizer's fully reshardable state is loaded in megatron's two parts (param
+    groups, then per-parameter tensors) with torch Adam's per-parameter `step` set aside in
+    between: megatron 0.16.1 (without apex/TE) copies every entry of the live per-parameter state
+    from the loaded tensors, `step` included, but these formats keep the step in the param groups
+    only, so its own `load_state_dict` fails with a KeyError on 'step'. Every step count is then
+    re-derived from the number of applied updates.
     """
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
     parts = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
