@@ -38,6 +38,9 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     transformer_impl: Literal["local", "transformer_engine"] = "local"
+    # Core attention of the local spec: torch SDPA (fused, GQA in place) or megatron's unfused
+    # baddbmm/softmax/bmm. Transformer Engine brings its own fused attention.
+    local_attention: Literal["sdpa", "megatron"] = "sdpa"
     precision: Literal["fp32", "bf16"] = "fp32"
     fp8: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] | None = None
     fp8_format: Literal["hybrid", "e4m3"] = "hybrid"

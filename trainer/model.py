@@ -1,7 +1,7 @@
 """Build the Llama-style megatron `GPTModel` (RMSNorm, SwiGLU, RoPE, GQA) from the run config.
 
-Local (megatron-only) layer spec in fp32 on CPU; Transformer Engine spec with bf16 and optional
-FP8 on GPU. Model chunks follow the pipeline layout: one per rank, or `vpp` interleaved chunks.
+Local (megatron-only) layer spec in fp32 on CPU, with SDPA core attention; Transformer Engine
+spec with bf16 and optional FP8 on GPU. Model chunks follow the pipeline layout: one per rank, or `vpp` interleaved chunks.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from megatron.core.transformer.enums import AttnBackend
 from kiln.errors import ConfigError
 from kiln.log import get_logger
 from tensor_parallel import SequenceParallelTorchNorm, runtime
+from tensor_parallel.sdpa_attention import SdpaDotProductAttention
 from trainer.config import RunConfig
 
 log = get_logger(__name__)
@@ -108,6 +109,8 @@ def _layer_spec(cfg: RunConfig, config: TransformerConfig, vp_stage: int | None)
         for layer in spec.layer_specs:
             layer.submodules.input_layernorm = SequenceParallelTorchNorm
             layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+            if cfg.model.local_attention == "sdpa":
+                layer.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
     return spec
 
 

@@ -1,0 +1,68 @@
+"""Core attention through `torch.nn.functional.scaled_dot_product_attention` for the local spec.
+
+megatron's local `DotProductAttention` materialises the `[b, n, s, s]` scores (baddbmm, masked
+softmax, bmm) and copies K/V once per query head under grouped-query attention; on GPU
+Transformer Engine replaces it with fused kernels. Off TE (the CPU runs) this module is the fused
+path: torch's SDPA picks its flash kernel, never materialises the scores for causal attention and
+reads the K/V groups in place (`enable_gqa`). Same inputs, outputs and semantics as megatron's:
+
+- query `[sq, b, np, hn]`, key/value `[sk, b, ng, hn]` -> context `[sq, b, np·hn]`;
+- no mask with `AttnMaskType.causal`: causal when `sq == sk`, all keys for one-token decode steps;
+- an explicit boolean mask `[b or 1, 1, sq, sk]` (True = masked) as megatron fills it: -10000
+  before the softmax, so a fully masked query row (left padding in generation) stays finite.
+
+Anything else (learnable/off-by-one softmax, sliding windows, query-key layer scaling,
+chunked causal prefill) goes to
+megatron's own implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.utils import is_layer_window_attention
+
+# what megatron's `attention_mask_func` writes into masked scores
+_MASKED_SCORE = -10000.0
+
+
+class SdpaDotProductAttention(DotProductAttention):
+    """megatron's `DotProductAttention` contract on `scaled_dot_product_attention`."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, *args, **kwargs):
+        super().__init__(config, layer_number, attn_mask_type, attention_type, *args, **kwargs)
+        self._fused = (config.softmax_type == "vanilla" and not config.apply_query_key_layer_scaling
+                       and not is_layer_window_attention(config.window_size,
+                                                         config.window_attn_skip_freq,
+                                                         max(1, layer_number)))
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
+                attention_bias: torch.Tensor | None = None,
+                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+        sq, sk = query.shape[0], key.shape[0]
+        causal = attention_mask is None and self.attn_mask_type == AttnMaskType.causal and sq > 1
+        if not self._fused or attention_bias is not None or packed_seq_params is not None or (
+                causal and sq != sk):
+            return super().forward(query, key, value, attention_mask, attn_mask_type,
+                                   attention_bias, packed_seq_params)
+        mask = None
+        if attention_mask is not None:
+            mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+            mask.masked_fill_(attention_mask, _MASKED_SCORE)
+        # [s, b, heads, hn] -> [b, heads, s, hn] (views; the kernel takes the strides)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        dropout = self.attention_dropout.p if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork() if (
+                dropout and not self.config.sequence_parallel) else contextlib.nullcontext():
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1])
+        # [b, np, sq, hn] -> [sq, b, np·hn]
+        return context.permute(2, 0, 1, 3).reshape(sq, query.shape[1], self.hidden_size_per_partition)
