@@ -119,6 +119,7 @@ class Reference:
     """
 
     path: str | None = None  # where the values are stored, if anywhere (named in errors)
+    uncomputed = "outside the train/valid split they were made for"  # why a row can lack values
 
     def __init__(self, scorer: RowScorer, num_rows: int) -> None:
         self.scorer, self.num_rows = scorer, num_rows
@@ -144,8 +145,8 @@ class Reference:
             raise DataError(self.missing(), path=self.path)
         values = table[index.cpu()].to(index.device)
         if torch.isnan(values).any():
-            raise DataError("a batch holds rows whose reference log-probs were not computed "
-                            "(outside the train/valid split they were made for)", path=self.path)
+            raise DataError(f"a batch holds rows whose reference log-probs were not computed "
+                            f"({self.uncomputed})", path=self.path)
         return values
 
 
@@ -181,6 +182,8 @@ def frozen_reference(cfg: Any, policy: Model, vocab_size: int, *,
 
 class OnlineReference(Reference):
     """A frozen reference model scores each step's micro-batches just before the step."""
+
+    uncomputed = "neither validation rows nor rows of this step's micro-batches"
 
     def __init__(self, scorer: RowScorer, num_rows: int, model: Model) -> None:
         super().__init__(scorer, num_rows)
