@@ -49,6 +49,7 @@ def test_unknown_reference_mode_is_a_config_error():
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
     ckpt = f"checkpoint.dir={out / 'resume_checkpoints'}"
+    init = f"init.checkpoint={out / 'resume_checkpoints'}"
     online = ["dpo.reference=online"]
     run_post(out, {
         "dpo_precomputed": [config("dpo"), *STEPS],
@@ -59,6 +60,9 @@ def runs(tmp_path_factory) -> Path:
         "dpo_first": [config("dpo"), *STEPS, *online, "train.steps=2", "checkpoint.save=true",
                       ckpt],
         "dpo_resumed": [config("dpo"), *STEPS, *online, ckpt],
+        # both references start from an init checkpoint (the 2-step one)
+        "dpo_init_precomputed": [config("dpo"), *STEPS, init],
+        "dpo_init_online": [config("dpo"), *STEPS, *online, init],
     })
     return out
 
@@ -80,6 +84,16 @@ def test_online_reference_gives_the_precomputed_losses(runs: Path, stage: str) -
     # the policy left the reference: a reference that moved with it would give log 2 (DPO)
     if stage == "dpo":
         assert abs(_series(online, "loss")[-1] - math.log(2)) > 1e-3
+
+
+@pytest.mark.slow
+def test_online_reference_loads_the_init_checkpoint(runs: Path) -> None:
+    pre, online = runs / "dpo_init_precomputed", runs / "dpo_init_online"
+    # the first step's policy is the reference: log 2 only if both hold the checkpoint's weights
+    assert _series(online, "loss")[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert _series(online, "loss")[1] != pytest.approx(_series(runs / "dpo_online", "loss")[1])
+    for key in ("loss", "val_loss"):
+        assert _series(online, key) == pytest.approx(_series(pre, key), abs=1e-6, rel=0), key
 
 
 @pytest.mark.slow
