@@ -114,13 +114,19 @@ class DistributedSampler:
             return np.arange(self.num_samples)
         return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.num_samples)
 
-    def next_global_batch(self) -> np.ndarray:
-        """Indices of this rank's share of the next global batch; advances the state."""
-        epoch, offset = divmod(self.state.consumed_samples, self._per_epoch)
+    def global_batch(self, consumed_samples: int) -> np.ndarray:
+        """Indices of this rank's share of the global batch that starts after `consumed_samples`
+        samples (a pure function: a stage can look ahead without consuming the iterator)."""
+        epoch, offset = divmod(consumed_samples, self._per_epoch)
         batch = self._order(epoch)[offset:offset + self.global_batch_size]
-        self.state.consumed_samples += self.global_batch_size
         per_rank = self.global_batch_size // self.dp_size
         return batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+
+    def next_global_batch(self) -> np.ndarray:
+        """Indices of this rank's share of the next global batch; advances the state."""
+        batch = self.global_batch(self.state.consumed_samples)
+        self.state.consumed_samples += self.global_batch_size
+        return batch
 
     def __iter__(self) -> Iterator[np.ndarray]:
         while True:
@@ -226,12 +232,22 @@ def collate_preference(rows: Sequence[dict], seq_len: int | None, pad_id: int,
     return batch
 
 
+def kl_partners(rows: np.ndarray, block: int) -> np.ndarray:
+    """KTO's KL partner of each of `rows` (one split, in dataset order), as TRL's KTOTrainer
+    fixes them when it prepares a dataset: completions rotate by one within consecutive blocks of
+    `block` rows, (x₁, y₁) … (x_k, y_k) -> (x₁, y_k), (x₂, y₁) … (x_k, y_{k-1}); a last, shorter
+    block rotates within itself."""
+    j = np.arange(len(rows))
+    start = j // block * block
+    size = np.minimum(block, len(rows) - start)
+    return rows[start + (j - start - 1) % size]
+
+
 def collate_unpaired(rows: Sequence[dict], kl_rows: Sequence[dict], seq_len: int | None,
                      pad_id: int, max_len: int | None = None) -> Batch:
     """KTO: the b examples, then b mismatched (prompt of row i, completion of `kl_rows[i]`) pairs
-    whose log-probs estimate the batch KL baseline. TRL's KTOTrainer pairs each prompt with
-    another example's completion; the caller picks the partner, and a partner fixed per row (the
-    next row of the dataset) lets the reference log-probs of the mismatched pairs be precomputed."""
+    whose log-probs estimate the batch KL baseline; the caller picks the partners (see
+    `kl_partners`)."""
     prompts = [r["prompt_ids"] for r in rows]
     completions = [r["completion_ids"] for r in rows]
     shifted = [r["completion_ids"] for r in kl_rows]

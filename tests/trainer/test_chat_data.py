@@ -13,6 +13,7 @@ from trainer.chat_data import (
     collate_preference,
     collate_sft,
     collate_unpaired,
+    kl_partners,
 )
 
 
@@ -36,6 +37,20 @@ def test_sampler_resume_continues_at_the_exact_sample():
     assert all(np.array_equal(a, b) for a, b in zip(seen[5:], again, strict=True))
     first_epoch = np.concatenate(seen[:6])
     assert len(set(first_epoch.tolist())) == 48  # no repeats within an epoch
+
+
+def test_sampler_looks_ahead_without_consuming():
+    sampler = DistributedSampler(50, 8, 1, 2, seed=3)
+    ahead = [sampler.global_batch(k * 8) for k in range(13)]  # crosses two epoch boundaries
+    assert sampler.state.consumed_samples == 0
+    assert all(np.array_equal(a, sampler.next_global_batch()) for a in ahead)
+
+
+def test_kl_partners_rotate_completions_within_blocks_as_trl():
+    # TRL: (x1, y1) ... (xk, yk) -> (x1, yk), (x2, y1) ... per block; a short last block too
+    rows = np.arange(10) + 5
+    assert kl_partners(rows, 4).tolist() == [8, 5, 6, 7, 12, 9, 10, 11, 14, 13]
+    assert kl_partners(rows[:1], 4).tolist() == [5]
 
 
 def test_sampler_dp_ranks_partition_each_global_batch():

@@ -1,6 +1,7 @@
 """sft, rm and dpo under TP=2 and PP=2 train to the single-process losses and metrics; dpo and kto
 under DP=2 too (reference log-probs gathered over DP, KTO's KL reference point averaged over DP);
-a reward model at PP=2 starts from an SFT checkpoint saved at TP=2, its new head initialised."""
+the online reference (dpo at TP=2, PP=2 and PP=2 × VPP=2, kto at DP=2) matches its single-process
+run; a reward model at PP=2 starts from an SFT checkpoint saved at TP=2, its new head initialised."""
 
 from __future__ import annotations
 
@@ -16,24 +17,37 @@ pytestmark = pytest.mark.slow
 # 3 steps, validation (held-out pairs) after the last one
 STEPS = ["train.steps=3", "train.log_every=1", "train.eval_every=0", "checkpoint.save=false"]
 STAGES = ("sft", "rm", "dpo")
-LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": []}  # dp2: 2 ranks, no MP
-RUNS = [(s, lay) for s in STAGES for lay in ("tp2", "pp2")] + [("dpo", "dp2"), ("kto", "dp2")]
+LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": [],  # dp2: 2 ranks, no MP
+           "vpp2": ["parallel.pp=2", "parallel.vpp=2"]}
+# `<stage>_online`: the stage with its reference model run online (a frozen copy, every step);
+# `_deep`: 4 layers, one per virtual pipeline stage under PP=2 × VPP=2
+ONLINE = {"dpo_online": ["dpo.reference=online"], "kto_online": ["kto.reference=online"],
+          "dpo_online_deep": ["dpo.reference=online", "model.num_layers=4"]}
+RUNS = ([(s, lay) for s in STAGES for lay in ("tp2", "pp2")] + [("dpo", "dp2"), ("kto", "dp2")]
+        + [("dpo_online", "tp2"), ("dpo_online", "pp2"), ("dpo_online_deep", "vpp2"),
+           ("kto_online", "dp2")])
 COMPARED = {"sft": ["loss"], "rm": ["loss", "reward_accuracy", "reward_margin"],
             "dpo": ["loss", "reward_chosen", "reward_rejected", "reward_margin"],
             "kto": ["loss", "kl", "reward_margin"]}
+COMPARED |= {name: COMPARED[name.split("_")[0]] for name in ONLINE}
 # KTO's z₀ is a mean over one micro-batch of every DP rank: one process with one micro-batch of 8
 # sees what two ranks with 4 each see
 KTO_ONE_MICRO_BATCH = ["train.micro_batch_size=8"]
 
 
+def run(name: str, *overrides: str) -> list[str]:
+    """The config and overrides of the run `name` (a stage, or one of `ONLINE`)."""
+    return [config(name.split("_")[0]), *STEPS, *ONLINE.get(name, []), *overrides]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("post_layouts")
-    run_post(out, {s: [config(s), *STEPS] for s in STAGES}
-             | {"sft_packed": [config("sft"), *STEPS,
-                               f"data.manifests=[{DATA / 'sample-sft-packed'}]"],
-                "kto": [config("kto"), *STEPS, *KTO_ONE_MICRO_BATCH]})
-    two = {f"{s}_{lay}": [config(s), *STEPS, *LAYOUTS[lay]] for s, lay in RUNS}
+    run_post(out, {s: run(s) for s in (*STAGES, "dpo_online", "dpo_online_deep")}
+             | {"sft_packed": run("sft", f"data.manifests=[{DATA / 'sample-sft-packed'}]"),
+                "kto": run("kto", *KTO_ONE_MICRO_BATCH),
+                "kto_online": run("kto_online", *KTO_ONE_MICRO_BATCH)})
+    two = {f"{s}_{lay}": run(s, *LAYOUTS[lay]) for s, lay in RUNS}
     two["sft_tp2"] += ["checkpoint.save=true"]
     two["rm_from_sft"] = [config("rm"), *STEPS, *LAYOUTS["pp2"],
                           f"init.checkpoint={out / 'sft_tp2' / 'checkpoints'}"]

@@ -124,17 +124,30 @@ class ChatStage(Stage):
     def batch(self, indices: np.ndarray) -> Batch:
         return to_tensors(self.collate(indices), indices)
 
-    def _batches(self, rows: np.ndarray, start_sample: int, shuffle: bool) -> Iterator[Batch]:
+    def _sampler(self, rows: np.ndarray, start_sample: int, shuffle: bool) -> DistributedSampler:
         tr = self.cfg.train
-        sampler = DistributedSampler(len(rows), tr.global_batch_size, runtime.dp_rank(),
-                                     runtime.dp_size(), tr.seed, shuffle=shuffle,
-                                     consumed_samples=start_sample)
-        for local in sampler:
-            for k in range(0, len(local), tr.micro_batch_size):
-                yield self.batch(rows[local[k:k + tr.micro_batch_size]])
+        return DistributedSampler(len(rows), tr.global_batch_size, runtime.dp_rank(),
+                                  runtime.dp_size(), tr.seed, shuffle=shuffle,
+                                  consumed_samples=start_sample)
+
+    def _micro_batches(self, rows: np.ndarray, local: np.ndarray) -> list[np.ndarray]:
+        """Dataset rows of each micro-batch of this rank's share `local` of a global batch."""
+        mb = self.cfg.train.micro_batch_size
+        return [rows[local[k:k + mb]] for k in range(0, len(local), mb)]
+
+    def _batches(self, rows: np.ndarray, start_sample: int, shuffle: bool) -> Iterator[Batch]:
+        for local in self._sampler(rows, start_sample, shuffle):
+            for indices in self._micro_batches(rows, local):
+                yield self.batch(indices)
 
     def train_batches(self, start_sample: int) -> Iterator[Batch]:
         return self._batches(self.train_rows, start_sample, shuffle=True)
+
+    def step_rows(self, consumed_samples: int) -> list[np.ndarray]:
+        """Dataset rows of this DP rank's training micro-batches in the global batch after
+        `consumed_samples` samples: what `train_batches` yields for that step, without it."""
+        sampler = self._sampler(self.train_rows, 0, shuffle=True)
+        return self._micro_batches(self.train_rows, sampler.global_batch(consumed_samples))
 
     def valid_batches(self) -> Iterator[Batch] | None:
         if len(self.valid_rows) == 0:

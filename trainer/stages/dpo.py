@@ -1,5 +1,6 @@
-"""DPO and its variants (cDPO via label smoothing, IPO, hinge, robust) against reference
-log-probs precomputed once from the starting model; chosen and rejected in one forward."""
+"""DPO and its variants (cDPO via label smoothing, IPO, hinge, robust) against the starting
+model's log-probs (`dpo.reference`: precomputed once and stored, or online from a frozen copy of
+it each step; trainer/reference.py); chosen and rejected in one forward."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """KTO on unpaired examples: each example's log-ratio against the batch KL reference point z₀,
 estimated on mismatched (prompt, other completion) pairs and averaged over data-parallel ranks
-before clamping, as TRL gathers it; reference log-probs precomputed from the starting model."""
+before clamping, as TRL gathers it. KL partners are fixed per row as TRL fixes them (see
+`UnpairedStage`); reference log-probs come from the starting model (`kto.reference`: precomputed
+once and stored, or online from a frozen copy of it each step; trainer/reference.py)."""
 
 from __future__ import annotations
 

@@ -38,8 +38,9 @@ from tensor_parallel.plan.memory import bytes_per_parameter
 from trainer.chat_data import DistributedSampler
 from trainer.checkpoint import resolve
 from trainer.config import ModelConfig
-from trainer.generate import SamplingParams, frozen, generate, load_frozen
+from trainer.generate import SamplingParams, generate, load_frozen
 from trainer.model import build_gpt_chunks
+from trainer.reference import frozen_reference
 from trainer.reward_head import GPTRewardModel
 from trainer.rewards import call_reward_function, load_reward_function
 from trainer.rollout import RolloutBatch, from_generation, policy_logps, reward_model_scores, score
@@ -121,13 +122,9 @@ class RLStage(ChatStage):
         return [policy]
 
     def _frozen_reference(self, policy: torch.nn.Module, vocab: int) -> torch.nn.Module:
-        [ref] = build_gpt_chunks(self.cfg, vocab, model_class=self.policy_class)
-        if self.cfg.init.checkpoint:
-            return load_frozen(ref, resolve(self.cfg.init.checkpoint), new=self.new_weights)
-        # no init checkpoint: the loop restores nothing into the policy before step 0, so its
-        # weights now are the starting policy's
-        ref.load_state_dict(policy.state_dict())
-        return frozen(ref)
+        [ref] = frozen_reference(self.cfg, [policy], vocab, model_class=self.policy_class,
+                                 new=self.new_weights)
+        return ref
 
     def _frozen_reward_model(self, vocab: int) -> torch.nn.Module | None:
         path = self.opts.reward_model
