@@ -9,7 +9,10 @@ reads the K/V groups in place (`enable_gqa`). Same inputs, outputs and semantics
 - query `[sq, b, np, hn]`, key/value `[sk, b, ng, hn]` -> context `[sq, b, np·hn]`;
 - no mask with `AttnMaskType.causal`: causal when `sq == sk`, all keys for one-token decode steps;
 - an explicit boolean mask `[b or 1, 1, sq, sk]` (True = masked) as megatron fills it: -10000
-  before the softmax, so a fully masked query row (left padding in generation) stays finite.
+  before the softmax, so a fully masked query row (left padding in generation) stays finite;
+- packed sequences (`PackedSeqParams`, THD: query `[t, np, hn]` -> `[t, np·hn]`), which megatron
+  only runs through Transformer Engine: causal attention within each `cu_seqlens` segment. The
+  packed SFT path then runs, and is tested, on CPU exactly as it runs under TE on GPU.
 
 Anything else (learnable/off-by-one softmax, sliding windows, query-key layer scaling,
 chunked causal prefill) goes to
@@ -46,12 +49,40 @@ class SdpaDotProductAttention(DotProductAttention):
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
                 attention_bias: torch.Tensor | None = None,
                 packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         sq, sk = query.shape[0], key.shape[0]
         causal = attention_mask is None and self.attn_mask_type == AttnMaskType.causal and sq > 1
-        if not self._fused or attention_bias is not None or packed_seq_params is not None or (
-                causal and sq != sk):
+        if not self._fused or attention_bias is not None or (causal and sq != sk):
             return super().forward(query, key, value, attention_mask, attn_mask_type,
                                    attention_bias, packed_seq_params)
+        return self._attend(query, key, value, attention_mask, causal)
+
+    def _packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                params: PackedSeqParams) -> torch.Tensor:
+        if params.qkv_format != "thd" or not self._fused:
+            raise NotImplementedError(f"packed sequences in {params.qkv_format!r} format with "
+                                      f"softmax {self.config.softmax_type!r} need Transformer Engine")
+
+        def bounds(padded: torch.Tensor | None, plain: torch.Tensor, total: int):
+            cu = (padded if padded is not None else plain).long()
+            segment = torch.searchsorted(cu[1:], torch.arange(total, device=cu.device), right=True)
+            # offset from the segment's end: causal masks align segments at their last token,
+            # as TE's do when a query segment is shorter than its key segment
+            return segment, torch.arange(total, device=cu.device) - cu[segment + 1]
+
+        seg_q, pos_q = bounds(params.cu_seqlens_q_padded, params.cu_seqlens_q, query.shape[0])
+        seg_kv, pos_kv = bounds(params.cu_seqlens_kv_padded, params.cu_seqlens_kv, key.shape[0])
+        t_q, t_kv = query.shape[0], key.shape[0]
+        masked = (seg_q[:, None] != seg_kv[None, :]) | (pos_kv[None, :] > pos_q[:, None])
+        # [t, heads, hn] -> [t, 1, heads, hn]: one row holding every segment
+        context = self._attend(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1),
+                               masked.view(1, 1, t_q, t_kv), causal=False)
+        return context.view(t_q, -1)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        sq = query.shape[0]
         mask = None
         if attention_mask is not None:
             mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
@@ -66,3 +97,4 @@ class SdpaDotProductAttention(DotProductAttention):
                 scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1])
         # [b, np, sq, hn] -> [sq, b, np·hn]
         return context.permute(2, 0, 1, 3).reshape(sq, query.shape[1], self.hidden_size_per_partition)
+

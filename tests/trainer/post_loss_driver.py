@@ -35,6 +35,9 @@ PACKED = os.path.join(CONFIGS, "data", "sample-sft-packed")
 CASES = {
     "sft": ("sft", []),
     "sft_packed": ("sft", [f"data.manifests=[{PACKED}]"]),
+    # the packed-sequence (THD, cu_seqlens) path megatron runs under Transformer Engine
+    "sft_packed_thd": ("sft", [f"data.manifests=[{PACKED}]", "sft.packed_attention=thd",
+                               "train.micro_batch_size=1"]),
     "rm": ("rm", ["rm.use_margin=false", "rm.center_rewards_coefficient=0.01"]),
     "dpo": ("dpo", []),
     "orpo": ("orpo", []),
@@ -135,8 +138,9 @@ def run_case(name: str, stage_name: str, overrides: list[str], run_dir: str) -> 
             ref = sums
         else:
             ref = None
-        if name == "sft_packed":
+        if name.startswith("sft_packed"):
             result["packed_diff"] = packed_vs_separate(t)
+            result["cu_seqlens"] = "cu_seqlens" in stage.batch(stage.train_rows[:1])
     t.train_step(stage.train_batches(cfg.train.global_batch_size))
     variants = DPO_VARIANTS if name == "dpo" else {name: None}
     with torch.no_grad():

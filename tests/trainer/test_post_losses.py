@@ -1,7 +1,7 @@
 """Each stage's loss equals the `trainer.losses` function applied to log-probs computed
 independently (a plain log-softmax over logits gathered across TP=2) on the same batch; stored
 reference log-probs equal the starting model's; packed rows give each conversation its own
-log-probs."""
+log-probs, through the attention mask and through megatron's packed-sequence (THD) path."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.trainer.conftest import ROOT, child_env
 pytestmark = pytest.mark.slow
 
 DRIVER = str(ROOT / "tests" / "trainer" / "post_loss_driver.py")
-STAGES = ["sft", "sft_packed", "rm", "dpo_sigmoid", "dpo_ipo", "dpo_hinge", "dpo_robust", "orpo",
+STAGES = ["sft", "sft_packed", "sft_packed_thd", "rm", "dpo_sigmoid", "dpo_ipo", "dpo_hinge", "dpo_robust", "orpo",
           "simpo", "kto"]
 
 
@@ -52,5 +52,7 @@ def test_stored_reference_is_the_starting_model(results: dict, name: str) -> Non
     assert results[name]["reference_diff"] < 2e-4
 
 
-def test_packed_conversations_do_not_see_each_other(results: dict) -> None:
-    assert results["sft_packed"]["packed_diff"] < 1e-5
+@pytest.mark.parametrize(("name", "thd"), [("sft_packed", False), ("sft_packed_thd", True)])
+def test_packed_conversations_do_not_see_each_other(results: dict, name: str, thd: bool) -> None:
+    assert results[name]["cu_seqlens"] is thd  # the mask path, or megatron's packed-sequence path
+    assert results[name]["packed_diff"] < 1e-5

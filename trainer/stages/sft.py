@@ -3,6 +3,9 @@ summed per token and divided by the tokens of the whole global batch; plain or p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import torch
 
@@ -15,9 +18,17 @@ from trainer.stages import Batch, LossOutput
 from trainer.stages.chat_common import ChatOptions, ChatStage, token_logps
 
 
+@dataclass
+class SftOptions(ChatOptions):
+    # How packed rows keep conversations apart: "thd" passes cu_seqlens (megatron's packed-sequence
+    # path: Transformer Engine on GPU, SDPA on CPU; one packed row per micro-batch), "mask" a
+    # block-diagonal attention mask (local spec); "auto": thd under Transformer Engine, else mask.
+    packed_attention: Literal["auto", "thd", "mask"] = "auto"
+
+
 class SftStage(ChatStage):
     name = "sft"
-    options = ChatOptions
+    options = SftOptions
     contracts = ("sft", "sft_packed")
 
     def setup(self) -> None:
@@ -25,11 +36,20 @@ class SftStage(ChatStage):
         m = self.cfg.model
         self.packed = self.data.contract == "sft_packed"
         # Transformer Engine takes packed rows as cu_seqlens (THD); the local spec takes the
-        # block-diagonal boolean mask, which megatron's fused causal softmax (bf16 on GPU) ignores.
-        self.cu_seqlens = self.packed and m.transformer_impl == "transformer_engine"
+        # block-diagonal boolean mask, which megatron's fused causal softmax (bf16 on GPU) ignores,
+        # or THD through its SDPA core attention.
+        te = m.transformer_impl == "transformer_engine"
+        mode = self.opts.packed_attention
+        if mode == "mask" and te:
+            raise ConfigError("sft.packed_attention", "Transformer Engine takes packed rows as "
+                              "cu_seqlens: use thd (or auto)")
+        if mode == "thd" and not te and m.local_attention != "sdpa":
+            raise ConfigError("sft.packed_attention", "thd on the local spec needs "
+                              "model.local_attention=sdpa")
+        self.cu_seqlens = self.packed and (mode == "thd" or (mode == "auto" and te))
         if self.cu_seqlens and self.cfg.train.micro_batch_size != 1:
-            raise ConfigError("train.micro_batch_size", "packed rows under Transformer Engine "
-                              "take micro_batch_size=1 (one packed row per micro-batch)")
+            raise ConfigError("train.micro_batch_size", "packed rows as cu_seqlens (THD) take "
+                              "micro_batch_size=1 (one packed row per micro-batch)")
         if self.packed and not self.cu_seqlens and runtime.on_gpu() and m.precision == "bf16":
             raise ConfigError("model.transformer_impl", "packed rows in bf16 on GPU need "
                               "transformer_engine (the local spec's fused softmax ignores masks)")
