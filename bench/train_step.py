@@ -1,13 +1,24 @@
-"""CPU training throughput of one tiny Llama: our megatron-core trainer vs Hugging Face.
+"""Training throughput: a tiny Llama on CPU against Hugging Face, or a ~1B Llama on one GPU.
 
-Same architecture (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings), batch, sequence length and
-fp32 on both sides. Ours runs `trainer/main.py` in a child process (its CPU backend changes
-process-wide torch state) and reports steady-state tokens/s from its metrics.jsonl; theirs is
-`transformers.LlamaForCausalLM` with a plain `torch.optim.AdamW` loop in this process.
+CPU (default): same architecture (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings), batch, sequence
+length and fp32 on both sides. Ours runs `trainer/main.py` in a child process (its CPU backend
+changes process-wide torch state) and reports steady-state tokens/s from its metrics.jsonl;
+theirs is `transformers.LlamaForCausalLM` with a plain `torch.optim.AdamW` loop in this process.
 
     python bench/train_step.py [--steps 12] [--rounds 2] [--threads 1]
 
 Last line: {"ours_tokens_per_s": ..., "hf_tokens_per_s": ..., "ratio": ..., "goal": 1.0}
+
+GPU (`--gpu`, one H100/H200): `trainer/configs/llama-1b.yaml` shaped like Llama-3.2-1B (Llama 3
+vocabulary) at sequence 4096 in bf16 on the committed sample tokens, then, when Transformer Engine
+is importable, the same steps in FP8 (`--fp8-recipe`); tokens/s and MFU from metrics.jsonl and the
+largest loss difference between the two runs. Without Transformer Engine the bf16 run uses the
+local spec (SDPA attention) and FP8 is skipped.
+
+    python bench/train_step.py --gpu [--steps 50] [--fp8-recipe tensorwise]
+
+Last line: {"bf16_tokens_per_s": ..., "bf16_mfu": ..., "fp8_tokens_per_s": ..., "fp8_speedup": ...,
+            "fp8_max_loss_diff": ..., "transformer_engine": ..., "goal_mfu": 0.45}
 """
 
 from __future__ import annotations
@@ -31,24 +42,63 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = dict(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4,
              num_query_groups=2)
 VOCAB = 384  # the byte-level sample vocabulary (257) padded as the trainer pads it
+SAMPLE = os.path.join("trainer", "configs", "data", "sample-pretrain")
 SEQ, BATCH = 256, 4
 
 
-def ours(steps: int, log_every: int) -> float:
+def run_trainer(config: str, sets: list[str], quiet: bool = True) -> list[dict]:
+    """`trainer/main.py --config configs/<config> --set ...` in a child process; its metrics."""
     with tempfile.TemporaryDirectory() as run_dir:
-        sets = [f"model.{k}={v}" for k, v in MODEL.items()] + [
-            f"train.steps={steps}", f"train.log_every={log_every}", "train.eval_every=0",
-            f"train.seq_length={SEQ}", f"train.micro_batch_size={BATCH}",
-            f"train.global_batch_size={BATCH}", "checkpoint.save=false", f"run_dir={run_dir}"]
         cmd = [sys.executable, os.path.join(ROOT, "trainer", "main.py"), "--config",
-               os.path.join(ROOT, "trainer", "configs", "tiny-pretrain.yaml"), "--set", *sets]
+               os.path.join(ROOT, "trainer", "configs", config), "--set", *sets,
+               "checkpoint.save=false", f"run_dir={run_dir}"]
         env = dict(os.environ, PYTHONPATH=ROOT, KILN_LOG_LEVEL="WARNING",
                    OMP_NUM_THREADS=str(torch.get_num_threads()))
-        subprocess.run(cmd, check=True, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT,
+                       stderr=subprocess.DEVNULL if quiet else None)
         with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-            records = [json.loads(line) for line in f]
+            return [json.loads(line) for line in f]
+
+
+def ours(steps: int, log_every: int) -> float:
+    sets = [f"model.{k}={v}" for k, v in MODEL.items()] + [
+        f"train.steps={steps}", f"train.log_every={log_every}", "train.eval_every=0",
+        f"train.seq_length={SEQ}", f"train.micro_batch_size={BATCH}",
+        f"train.global_batch_size={BATCH}"]
+    records = run_trainer("tiny-pretrain.yaml", sets)
     # the first window holds start-up and warm-up
     return statistics.median(r["tokens_per_s"] for r in records[1:])
+
+
+def gpu(steps: int, fp8_recipe: str) -> dict:
+    """bf16 (and FP8 with Transformer Engine) throughput and MFU of a Llama-3.2-1B shape."""
+    from trainer.model import have_transformer_engine
+
+    te = have_transformer_engine()
+    sets = ["model.vocab_size=128256", f"train.steps={steps}", "train.log_every=5",
+            "train.eval_every=0", "train.micro_batch_size=2", "train.global_batch_size=8",
+            "schedule.warmup_steps=10", f"data.manifests=[{os.path.join(ROOT, SAMPLE)}]",
+            f"model.transformer_impl={'transformer_engine' if te else 'local'}"]
+    runs = {"bf16": run_trainer("llama-1b.yaml", [*sets, "model.fp8=null"], quiet=False)}
+    if te:
+        runs["fp8"] = run_trainer("llama-1b.yaml", [*sets, f"model.fp8={fp8_recipe}"], quiet=False)
+
+    def steady(records: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in records[1:] if key in r)
+
+    result: dict = {"transformer_engine": te, "steps": steps,
+                    "bf16_tokens_per_s": round(steady(runs["bf16"], "tokens_per_s"), 1),
+                    "bf16_mfu": round(steady(runs["bf16"], "mfu"), 4)}
+    if "fp8" in runs:
+        losses = [(a["loss"], b["loss"]) for a, b in zip(runs["bf16"], runs["fp8"], strict=True)]
+        result.update(fp8_recipe=fp8_recipe,
+                      fp8_tokens_per_s=round(steady(runs["fp8"], "tokens_per_s"), 1),
+                      fp8_mfu=round(steady(runs["fp8"], "mfu"), 4),
+                      fp8_max_loss_diff=round(max(abs(a - b) for a, b in losses), 4),
+                      bf16_final_loss=round(losses[-1][0], 4), fp8_final_loss=round(losses[-1][1], 4))
+        result["fp8_speedup"] = round(result["fp8_tokens_per_s"] / result["bf16_tokens_per_s"], 3)
+    result["goal_mfu"] = 0.45
+    return result
 
 
 def hf(steps: int, log_every: int) -> float:
@@ -85,7 +135,18 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--gpu", action="store_true", help="the ~1B Llama on one GPU instead")
+    parser.add_argument("--fp8-recipe", default="tensorwise",
+                        choices=["delayed", "tensorwise", "blockwise", "mxfp8"])
     args = parser.parse_args()
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA device")
+        result = gpu(args.steps if args.steps != 12 else 50, args.fp8_recipe)
+        print(f"Llama-3.2-1B shape, seq 4096, {torch.cuda.get_device_name()}: "
+              f"bf16 {result['bf16_tokens_per_s']:,.0f} tokens/s, MFU {result['bf16_mfu']:.1%}")
+        print(json.dumps(result))
+        return
     torch.set_num_threads(args.threads)
     # Alternate the two sides and keep each one's best round: the machine is shared and noisy.
     theirs = mine = 0.0
