@@ -12,6 +12,11 @@ each measured in `shared/notes/megatron-core-on-cpu.md`:
 5. sequence parallel with torch norms -> `SequenceParallelTorchNorm`, a norm whose parameters
    carry the `sequence_parallel` attribute so megatron all-reduces their grads over TP.
 
+And one for speed: megatron issues its collectives whatever the group size (the DP=1 gradient
+reduce-scatter and parameter all-gather, the loss all-reduces over a TP group of one...), and
+gloo spends a thread hand-off and a copy on each. Collectives over a group of one rank are
+identities, so `_single_rank_shortcut` answers them in place (a copy when output and input differ).
+
 `enable()` is called once by `tensor_parallel.runtime` and only when `torch.cuda.is_available()`
 is False; nothing here runs on a GPU host.
 """
@@ -19,6 +24,7 @@ is False; nothing here runs on a GPU host.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -164,6 +170,74 @@ def _set_cpu_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bo
     torch.set_rng_state(new_state)
 
 
+class _DoneWork:
+    """The `Work` handle of a collective that completed when it was issued."""
+
+    def wait(self, *args: Any) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _single_rank_shortcut() -> None:
+    """Answer all-reduce, broadcast, reduce-scatter and all-gather over one-rank groups locally."""
+    import torch.distributed as dist
+    from megatron.core.distributed import param_and_grad_buffer
+
+    def alone(group: Any) -> bool:
+        return dist.get_world_size(group) == 1
+
+    def done(async_op: bool) -> _DoneWork | None:
+        return _DoneWork() if async_op else None
+
+    def copy(output: torch.Tensor, source: torch.Tensor) -> None:
+        if output.data_ptr() != source.data_ptr() or output.stride() != source.stride():
+            output.copy_(source.view_as(output))
+
+    def wrap(name: str, local: Any) -> Any:
+        collective = getattr(dist, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            bound = _bind(collective, args, kwargs)
+            if not alone(bound.get("group")):
+                return collective(*args, **kwargs)
+            local(bound)
+            return done(bound.get("async_op", False))
+
+        call.__wrapped__ = collective
+        setattr(dist, name, call)
+        return call
+
+    def _no_op(bound: dict) -> None:
+        return None
+
+    wrap("all_reduce", _no_op)
+    wrap("broadcast", _no_op)
+    for name, (out, src) in {"reduce_scatter_tensor": ("output", "input"),
+                             "_reduce_scatter_base": ("output", "input"),
+                             "all_gather_into_tensor": ("output_tensor", "input_tensor"),
+                             "_all_gather_base": ("output_tensor", "input_tensor")}.items():
+        wrapped = wrap(name, lambda b, o=out, i=src: copy(b[o], b[i]))
+        # megatron's buffers bound these at import time
+        for attr in ("dist_reduce_scatter_func", "dist_all_gather_func"):
+            if getattr(param_and_grad_buffer, attr, None) is getattr(dist, name).__wrapped__:
+                setattr(param_and_grad_buffer, attr, wrapped)
+
+
+def _bind(func: Any, args: tuple, kwargs: dict) -> dict:
+    """`func`'s arguments by name (defaults included)."""
+    signature = _SIGNATURES.get(func)
+    if signature is None:
+        signature = _SIGNATURES[func] = inspect.signature(func)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
 def enable() -> None:
     """Install the CPU backend (idempotent). Only call when CUDA is absent."""
     global _enabled, _mode
@@ -189,6 +263,7 @@ def enable() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    _single_rank_shortcut()
     _mode = _CudaToCpu()
     _mode.__enter__()
     _enabled = True

@@ -63,6 +63,17 @@ SCRIPT = textwrap.dedent("""
     with tracker.fork("data-parallel-rng"):
         b = torch.rand(2)
     assert not torch.equal(a, b)
+    # collectives over a group of one rank are answered in place
+    import torch.distributed as dist
+    from megatron.core.distributed import param_and_grad_buffer
+    x = torch.arange(4.0)
+    assert dist.all_reduce(x) is None and torch.equal(x, torch.arange(4.0))
+    assert dist.all_reduce(x, op=dist.ReduceOp.MAX, async_op=True).wait()
+    out = torch.zeros(4)
+    dist.reduce_scatter_tensor(out, x * 2)
+    assert torch.equal(out, x * 2)
+    param_and_grad_buffer.dist_all_gather_func(out, x, group=dist.group.WORLD, async_op=True).wait()
+    assert torch.equal(out, x)
     runtime.shutdown()
     print("ok")
 """)
