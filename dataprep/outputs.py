@@ -1,5 +1,4 @@
-"""Job output directories that may be local or on object storage (gs://, s3://, any fsspec URL),
-through `kiln.paths`.
+"""Job output directories on a local disk or object storage (gs://, s3://, any fsspec URL).
 
 Writers in `schemas` (Arrow shards, `.bin/.idx` pairs, dead letters, manifests) write local files
 with a temp name and a rename. For a remote directory, `local_staging` lets them write into a
@@ -75,7 +74,7 @@ def output_dir(path: str) -> Iterator[str]:
     """The directory a job builds its output in. Local: a sibling renamed into place when the
     block completes (`kiln.paths.atomic_dir`). Remote: object stores cannot rename a prefix, so
     the job writes in place after the old content is removed, and its completion marker (the
-    manifest) must be the last file it writes."""
+    manifest) must be the last file it writes; a failed run leaves files but no marker."""
     if is_local(path):
         with atomic_dir(path.removeprefix("file://")) as staging:
             yield staging

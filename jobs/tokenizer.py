@@ -149,6 +149,7 @@ def draw_sample(units, max_bytes: int, path: str, text_field: str, id_field: str
 
 
 def _lines(path: str) -> Iterator[str]:
+    # streamed: sentencepiece takes a sentence iterator, so a remote sample needs no local copy
     with open_path(path, "r", compression=None, encoding="utf-8") as f:
         for line in f:
             yield line.rstrip("\n")

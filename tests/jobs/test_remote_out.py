@@ -16,6 +16,7 @@ from dataprep.outputs import read_manifest_from
 from jobs import preference as preference_job
 from jobs import sft as sft_job
 from jobs import tokenizer as tokenizer_job
+from kiln.errors import UsageError
 from kiln.paths import is_local
 from tests.dataprep.chat_helpers import HH, SFT_SAMPLE, train_tokenizer
 from tests.jobs.test_tokenize_job import DIRECT, _tokenize, corpus, tok_dir  # noqa: F401
@@ -59,7 +60,7 @@ def same_outputs(local, url: str) -> dict[str, bytes]:
     return there
 
 
-def test_tokenize_to_object_storage(corpus, tok_dir, tmp_path, remote):  # noqa: F811
+def test_tokenize_out_on_object_storage_matches_local_run(corpus, tok_dir, tmp_path, remote):  # noqa: F811
     _tokenize(corpus, tok_dir, tmp_path / "local", DIRECT)
     _tokenize(corpus, tok_dir, remote, DIRECT)
     files = same_outputs(tmp_path / "local", remote)
@@ -69,13 +70,13 @@ def test_tokenize_to_object_storage(corpus, tok_dir, tmp_path, remote):  # noqa:
     assert names and all(n in files and n.removesuffix(".bin") + ".idx" in files for n in names)
     assert any(n.startswith("dead-letter/") for n in files)
     # an existing OUT is refused, then replaced with --overwrite
-    with pytest.raises(Exception, match="not empty"):
+    with pytest.raises(UsageError, match="not empty"):
         _tokenize(corpus, tok_dir, remote, DIRECT)
     _tokenize(corpus, tok_dir, remote, [*DIRECT, "--overwrite"])
     same_outputs(tmp_path / "local", remote)
 
 
-def test_tokenizer_to_object_storage(corpus, tok_dir, remote):  # noqa: F811
+def test_tokenizer_out_on_object_storage_matches_local_run(corpus, tok_dir, remote):  # noqa: F811
     argv = ["--input", f"hh={corpus / 'hh'}", "--input", f"node={corpus / 'node'}",
             "--vocab-size", "1200", "--sample-bytes", "400000", "--out", remote, *DIRECT]
     assert tokenizer_job.main(argv) == 0
@@ -89,7 +90,7 @@ def chat_tok(tmp_path_factory):
     return d
 
 
-def test_sft_to_object_storage(chat_tok, tmp_path, remote):
+def test_sft_out_on_object_storage_matches_local_run(chat_tok, tmp_path, remote):
     args = ["--input", SFT_SAMPLE, "--tokenizer", chat_tok, "--max-seq-len", "256",
             "--set", "num_shards=2", *DIRECT]
     assert sft_job.main([*args, "--out", str(tmp_path / "local")]) == 0
@@ -101,7 +102,7 @@ def test_sft_to_object_storage(chat_tok, tmp_path, remote):
                                                              if n.endswith(".arrow"))
 
 
-def test_preference_to_object_storage(chat_tok, tmp_path, remote):
+def test_preference_out_on_object_storage_matches_local_run(chat_tok, tmp_path, remote):
     hh = tmp_path / "hh-head.jsonl.gz"  # the first 400 pairs keep the test quick
     with gzip.open(HH, "rt", encoding="utf-8") as src, gzip.open(hh, "wt") as dst:
         dst.writelines(line for _, line in zip(range(400), src, strict=False))
