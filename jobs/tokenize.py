@@ -18,6 +18,9 @@ than --max-doc-tokens becomes several EOS-terminated sequences), `dead-letter/*.
 SHARD_DIR: join them with the directory, then `BlendedMegatronDatasetConfig(blend=...)`. A
 source's weight (default: its share of the tokens; `--source-weight` to set) is split among its
 shards by their tokens; weights sum to 1.
+
+SHARD_DIR may be on object storage (`gs://`, `s3://`, any fsspec URL) for workers that share no
+disk: parts and shards are built in a worker's temp dir and uploaded whole, `manifest.json` last.
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ def main(argv: Sequence[str]) -> int:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     # workers write parts, shards and dead letters straight into OUT (local, or object storage
     # when workers share no disk); manifest.json, written last, marks the set complete
-    out = os.path.abspath(args.out) if is_local(args.out) else args.out.rstrip("/")
+    out = os.path.abspath(args.out.removeprefix("file://")) if is_local(args.out) else \
+        args.out.rstrip("/")
     if not is_empty_dir(out):
         if not args.overwrite:
             raise UsageError(f"--out {out} exists and is not empty (pass --overwrite)")
