@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import html.parser
 import json
 import multiprocessing
 import os
 import resource
 import sys
-import tarfile
 import tempfile
 import time
 
@@ -37,24 +35,9 @@ import time
 # the standard `tokenize` module (linecache imports it): put the repository root there instead.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from bench.sample_docs import node_doc_texts  # noqa: E402 - needs the root on sys.path
+
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "sample_data")
-
-
-class _Text(html.parser.HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self.skip = 0
-
-    def handle_starttag(self, tag, attrs):
-        self.skip += tag in ("script", "style")
-
-    def handle_endtag(self, tag):
-        self.skip -= tag in ("script", "style")
-
-    def handle_data(self, data):
-        if not self.skip:
-            self.parts.append(data)
 
 
 def load_documents() -> list[str]:
@@ -64,12 +47,7 @@ def load_documents() -> list[str]:
         for line in f:
             pair = json.loads(line)
             docs += [pair["chosen"], pair["rejected"]]
-    with tarfile.open(f"{DATA}/nodejs-api-html.tar.gz") as tar:
-        for name in sorted(m.name for m in tar.getmembers() if m.name.endswith(".html")):
-            p = _Text()
-            p.feed(tar.extractfile(name).read().decode("utf-8"))
-            docs.append("".join(p.parts))
-    return docs
+    return docs + node_doc_texts()
 
 
 class MegatronEncoder:

@@ -30,6 +30,8 @@ from dataprep.chat.lengths import LengthPolicy, TooLong
 from dataprep.chat.packing import pack_rows
 from dataprep.chat.rows import example_row
 from dataprep.chat.template import ChatTemplate, TemplateOptions
+from dataprep.outputs import local_staging
+from kiln.paths import join, write_text
 from schemas.deadletter import DeadLetter, dead_letter, write_dead_letters
 from schemas.shards import write_arrow_shard
 
@@ -228,13 +230,14 @@ class WriteShards(beam.PTransform):
                 | "Group" >> beam.GroupByKey()
                 | "Write" >> beam.MapTuple(self._write)
                 | "All" >> beam.combiners.ToList()
-                | "Index" >> beam.Map(_write_json, os.path.join(self.out_dir, WORK_DIR, SHARDS_FILE)))
+                | "Index" >> beam.Map(_write_json, join(self.out_dir, WORK_DIR, SHARDS_FILE)))
 
     def _write(self, shard: int, rows: Iterable[dict]) -> dict:
         rows = sorted(rows, key=lambda r: _row_id(r, self.id_key))
         name = f"{self.contract}-{shard:05d}-of-{self.num_shards:05d}.arrow"
-        entry = write_arrow_shard(os.path.join(self.out_dir, name), rows, self.contract,
-                                  self.fingerprint, root=self.out_dir)
+        with local_staging(self.out_dir) as out:  # built locally, uploaded whole if remote
+            entry = write_arrow_shard(os.path.join(out, name), rows, self.contract,
+                                      self.fingerprint, root=out)
         return entry.__dict__
 
 
@@ -248,7 +251,7 @@ class WriteLedger(beam.PTransform):
 
     def __init__(self, out_dir: str) -> None:
         super().__init__()
-        self.path = os.path.join(out_dir, WORK_DIR, COUNTS_FILE)
+        self.path = join(out_dir, WORK_DIR, COUNTS_FILE)
 
     def expand(self, events):
         return (events
@@ -269,14 +272,12 @@ class WriteDeadLetters(beam.PTransform):
 
 
 def _write_dead(out_dir: str, entries: list[DeadLetter]) -> int:
-    return write_dead_letters(out_dir, entries)[1]
+    with local_staging(out_dir) as out:
+        return write_dead_letters(out, entries)[1]
 
 
 def _write_json(value: Any, path: str) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        json.dump(value, f, sort_keys=True)
-    os.replace(f"{path}.tmp", path)
+    write_text(path, json.dumps(value, sort_keys=True))  # atomic, local or remote
     return path
 
 

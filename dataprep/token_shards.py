@@ -29,9 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dataprep.outputs import local_staging, read_index_from
 from dataprep.token_inputs import InputUnit, Record, Source, read_unit
+from kiln.paths import join, open_path
 from schemas.deadletter import DeadLetter, dead_letter
-from schemas.indexed import index_bytes, read_index, token_dtype
+from schemas.indexed import index_bytes, token_dtype
 from schemas.manifest import Ledger, Manifest, ShardEntry
 from schemas.shards import indexed_shard_entry
 
@@ -159,14 +161,23 @@ def _printable(text: str | None) -> str | None:
 
 
 def part_prefix(parts_dir: str, unit: InputUnit) -> str:
-    return os.path.join(parts_dir, unit.source, unit.key)
+    return join(parts_dir, unit.source, unit.key)
 
 
 def tokenize_unit(unit: InputUnit, tok, settings: EncodeSettings,
                   parts_dir: str) -> tuple[PartResult, list[DeadLetter]]:
-    """Pass 1 for one unit: write its part and return counts and dead-letter entries."""
-    prefix = part_prefix(parts_dir, unit)
-    res = PartResult(unit.source, unit.key, unit.file_index, unit.row_start, prefix)
+    """Pass 1 for one unit: write its part and return counts and dead-letter entries. The part
+    is written locally and, when `parts_dir` is remote, uploaded once complete: pass 2 may run
+    on another worker."""
+    res = PartResult(unit.source, unit.key, unit.file_index, unit.row_start,
+                     part_prefix(parts_dir, unit))
+    with local_staging(parts_dir) as local_parts:
+        dead = _write_part(unit, tok, settings, part_prefix(local_parts, unit), res)
+    return res, dead
+
+
+def _write_part(unit: InputUnit, tok, settings: EncodeSettings, prefix: str,
+                res: PartResult) -> list[DeadLetter]:
     dead: list[DeadLetter] = []
     writer = SequenceWriter(prefix, token_dtype(tok.vocab_size))
     bos = tok.bos_id if settings.add_bos else None
@@ -208,7 +219,7 @@ def tokenize_unit(unit: InputUnit, tok, settings: EncodeSettings,
     flush()
     writer.finalize()
     res.sequences, res.tokens = writer.sequences, writer.tokens
-    return res, dead
+    return dead
 
 
 def plan_shards(parts: Sequence[PartResult], shard_tokens: int) -> list[ShardTask]:
@@ -229,31 +240,35 @@ def plan_shards(parts: Sequence[PartResult], shard_tokens: int) -> list[ShardTas
 
 
 def write_shard(task: ShardTask, out_dir: str) -> ShardEntry | None:
-    """Pass 2 for one shard: copy its sequences out of the parts; None when it has none (only
-    when one sequence is longer than `shard_tokens`)."""
-    writer: SequenceWriter | None = None
-    for prefix, offset in task.parts:
-        index = read_index(f"{prefix}.idx")
-        lengths = index.lengths.astype(np.int64)
-        starts = offset + np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        a, b = np.searchsorted(starts, [task.lo, task.hi], side="left")
-        if a == b:
-            continue
+    """Pass 2 for one shard: copy its sequences out of the parts (local or remote, read by byte
+    range); None when it has none (only when one sequence is longer than `shard_tokens`). The
+    shard is built locally (its entry hashes the finished files), then uploaded if `out_dir` is
+    remote."""
+    with local_staging(out_dir) as local_out:
+        prefix = os.path.join(local_out, task.name)
+        writer: SequenceWriter | None = None
+        for part, offset in task.parts:
+            index = read_index_from(f"{part}.idx")
+            lengths = index.lengths.astype(np.int64)
+            starts = offset + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            a, b = np.searchsorted(starts, [task.lo, task.hi], side="left")
+            if a == b:
+                continue
+            if writer is None:
+                writer = SequenceWriter(prefix, index.dtype)
+            begin = int(index.pointers[a])
+            end = int(index.pointers[b - 1]) + int(lengths[b - 1]) * index.dtype.itemsize
+            with open_path(f"{part}.bin", "rb", compression=None) as f:
+                f.seek(begin)
+                while begin < end:
+                    chunk = f.read(min(_COPY_CHUNK, end - begin))
+                    writer.add_raw(chunk,
+                                   lengths[a:b] if begin + len(chunk) >= end else lengths[:0])
+                    begin += len(chunk)
         if writer is None:
-            writer = SequenceWriter(os.path.join(out_dir, task.name), index.dtype)
-        begin = int(index.pointers[a])
-        end = int(index.pointers[b - 1]) + int(lengths[b - 1]) * index.dtype.itemsize
-        with open(f"{prefix}.bin", "rb") as f:
-            f.seek(begin)
-            while begin < end:
-                chunk = f.read(min(_COPY_CHUNK, end - begin))
-                writer.add_raw(chunk, lengths[a:b] if begin + len(chunk) >= end else lengths[:0])
-                begin += len(chunk)
-    if writer is None:
-        return None
-    writer.finalize()
-    return indexed_shard_entry(os.path.join(out_dir, task.name), root=out_dir,
-                               source=task.source)
+            return None
+        writer.finalize()
+        return indexed_shard_entry(prefix, root=local_out, source=task.source)
 
 
 def token_manifest(sources: Sequence[Source], parts: Sequence[PartResult], shards: Sequence[ShardEntry],

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import heapq
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from dataprep.outputs import local_staging, remove_tree, write_manifest_to
 from dataprep.token_inputs import InputUnit, Source, read_unit
 from dataprep.token_shards import (
     EncodeSettings,
@@ -25,8 +25,9 @@ from dataprep.token_shards import (
     tokenize_unit,
     write_shard,
 )
+from kiln.paths import join
 from schemas.deadletter import write_dead_letters
-from schemas.manifest import ShardEntry, write_manifest
+from schemas.manifest import ShardEntry
 
 PARTS_DIR = "_parts"
 
@@ -116,9 +117,10 @@ class TokenizeUnitFn(beam.DoFn):
 
     def process(self, unit: InputUnit) -> Iterator[PartResult]:
         res, dead = tokenize_unit(unit, self.tokenizer, self.settings,
-                                  os.path.join(self.out_dir, PARTS_DIR))
+                                  join(self.out_dir, PARTS_DIR))
         if dead:
-            write_dead_letters(self.out_dir, dead, name=f"{unit.source}-{unit.key}.jsonl")
+            with local_staging(self.out_dir) as out:
+                write_dead_letters(out, dead, name=f"{unit.source}-{unit.key}.jsonl")
         self.documents.inc(res.documents)
         self.tokens.inc(res.tokens)
         self.errors.inc(len(dead))
@@ -135,8 +137,8 @@ def _finalize(shards: list[ShardEntry], parts: list[PartResult], sources: list[S
               tokenizer_info: dict, settings: EncodeSettings, shard_tokens: int,
               out_dir: str) -> str:
     manifest = token_manifest(sources, parts, shards, tokenizer_info, settings, shard_tokens)
-    path = write_manifest(out_dir, manifest)
-    shutil.rmtree(os.path.join(out_dir, PARTS_DIR), ignore_errors=True)
+    path = write_manifest_to(out_dir, manifest)
+    remove_tree(join(out_dir, PARTS_DIR))
     return path
 
 

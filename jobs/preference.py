@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,13 +26,14 @@ from dataprep.chat_transforms import (
     ChatJob,
     build_pipeline,
 )
+from dataprep.outputs import output_dir, remove_tree, write_manifest_to
 from kiln.cli import entry
 from kiln.config import load_config, to_dict
 from kiln.errors import DataError, UsageError
 from kiln.log import get_logger
-from kiln.paths import atomic_dir, expand
+from kiln.paths import expand, join, read_text
 from schemas.contracts import contract
-from schemas.manifest import Ledger, Manifest, ShardEntry, write_manifest
+from schemas.manifest import Ledger, Manifest, ShardEntry
 
 log = get_logger(__name__)
 
@@ -51,7 +51,8 @@ class PreferenceConfig:
 def add_common_args(parser: argparse.ArgumentParser, formats: Sequence[str]) -> None:
     parser.add_argument("--input", nargs="+", required=True, help="JSONL (.gz/.zst) or Parquet files/globs")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory (kiln tokenizer)")
-    parser.add_argument("--out", required=True, help="output dataset directory (local)")
+    parser.add_argument("--out", required=True,
+                        help="output dataset directory, local or gs:// / s3:// (any fsspec URL)")
     parser.add_argument("--format", choices=("auto", *formats), help="input format (default: auto)")
     parser.add_argument("--decontaminate", nargs="+", metavar="FILE",
                         help="evaluation prompt files to decontaminate against")
@@ -131,17 +132,17 @@ def ledger_from_counts(counts: dict[str, int], stages: Iterable[str]) -> tuple[L
 
 
 def run_chat_job(job: ChatJob, beam_args: list[str], tokenizer: Any, config: dict) -> Manifest:
-    """Run the pipeline into a staging directory, then assemble `manifest.json` from the count
-    files it wrote, check the ledger and move the directory into place."""
-    with atomic_dir(job.out_dir) as staging:
+    """Run the pipeline into the output directory (`dataprep.outputs.output_dir`: a local one is
+    staged and renamed into place, a remote one written in place), then assemble `manifest.json`
+    from the count files it wrote, check the ledger and write the manifest last."""
+    with output_dir(job.out_dir) as staging:
         with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
             build_pipeline(p, replace(job, out_dir=staging), tokenizer.fingerprint)
-        work = os.path.join(staging, WORK_DIR)
-        with open(os.path.join(work, COUNTS_FILE), encoding="utf-8") as f:
-            counts = json.load(f)
-        with open(os.path.join(work, SHARDS_FILE), encoding="utf-8") as f:
-            shards = sorted((ShardEntry(**s) for s in json.load(f)), key=lambda s: s.path)
-        shutil.rmtree(work)
+        work = join(staging, WORK_DIR)
+        counts = json.loads(read_text(join(work, COUNTS_FILE)))
+        shards = sorted((ShardEntry(**s) for s in json.loads(read_text(join(work, SHARDS_FILE)))),
+                        key=lambda s: s.path)
+        remove_tree(work)
         fanout = job.rule.rule == "all_pairs"
         stages = [s for s in STAGES if (s != "pack" or job.pack) and (s != FANOUT_STAGE or fanout)]
         ledger, notes = ledger_from_counts(counts, stages)
@@ -168,7 +169,7 @@ def run_chat_job(job: ChatJob, beam_args: list[str], tokenizer: Any, config: dic
             tokenizer={"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
                        "path": job.tokenizer_path},
             ledger=ledger, extra=extra)
-        write_manifest(staging, manifest)
+        write_manifest_to(staging, manifest)
     for s in ledger.stages:
         log.info("%-8s input %d kept %d filtered %s duplicate %d error %d", s.name, s.input,
                  s.kept, s.filtered or "{}", s.duplicate, s.error)

@@ -18,13 +18,15 @@ than --max-doc-tokens becomes several EOS-terminated sequences), `dead-letter/*.
 SHARD_DIR: join them with the directory, then `BlendedMegatronDatasetConfig(blend=...)`. A
 source's weight (default: its share of the tokens; `--source-weight` to set) is split among its
 shards by their tokens; weights sum to 1.
+
+SHARD_DIR may be on object storage (`gs://`, `s3://`, any fsspec URL) for workers that share no
+disk: parts and shards are built in a worker's temp dir and uploaded whole, `manifest.json` last.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 
@@ -34,7 +36,7 @@ from dataprep.tokenizer import load_tokenizer
 from kiln.cli import entry
 from kiln.errors import UsageError
 from kiln.log import get_logger
-from kiln.paths import is_local
+from kiln.paths import is_local, makedirs
 
 log = get_logger(__name__)
 
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-weight", action="append",
                    help="NAME=W blend weight (default: proportional to tokens)")
     p.add_argument("--tokenizer", required=True, help="TOK_DIR, a .model file or an HF dir")
-    p.add_argument("--out", required=True, help="output directory (local)")
+    p.add_argument("--out", required=True,
+                   help="output directory, local or gs:// / s3:// (any fsspec URL)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
     p.add_argument("--shard-tokens", type=int, default=1 << 27,
@@ -77,8 +80,8 @@ def main(argv: Sequence[str]) -> int:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from dataprep.outputs import clear_dir, is_empty_dir, read_manifest_from
     from dataprep.tokenize_transforms import TokenizeToShards
-    from schemas.manifest import read_manifest
 
     args, beam_args = build_parser().parse_known_args(argv)
     for flag, value, least in (("--shard-tokens", args.shard_tokens, 1),
@@ -87,14 +90,15 @@ def main(argv: Sequence[str]) -> int:
                                ("--batch-docs", args.batch_docs, 1)):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
-    if not is_local(args.out):
-        raise UsageError(f"--out {args.out!r}: token shards are written to a local directory")
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and os.listdir(out):
+    # workers write parts, shards and dead letters straight into OUT (local, or object storage
+    # when workers share no disk); manifest.json, written last, marks the set complete
+    out = os.path.abspath(args.out.removeprefix("file://")) if is_local(args.out) else \
+        args.out.rstrip("/")
+    if not is_empty_dir(out):
         if not args.overwrite:
             raise UsageError(f"--out {out} exists and is not empty (pass --overwrite)")
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+        clear_dir(out)
+    makedirs(out)
 
     tok = load_tokenizer(args.tokenizer)
     if args.add_bos and tok.bos_id is None:
@@ -112,7 +116,7 @@ def main(argv: Sequence[str]) -> int:
             sources, units, tok, tokenizer_info(tok, args.tokenizer), settings, out,
             args.shard_tokens)
 
-    manifest = read_manifest(out)
+    manifest = read_manifest_from(out)
     for problem in manifest.ledger.check():
         log.error("ledger: %s", problem)
     stages = {s.name: s for s in manifest.ledger.stages}

@@ -7,7 +7,10 @@ adopt an existing one (sentencepiece `.model` or Hugging Face directory).
 
 The sample is drawn by a Beam step: the documents of smallest hash of (source, id) whose sizes
 add up to `--sample-bytes` (bounded memory per worker, the same sample on any runner). It is
-written to a temporary file, one line per sentence, and streamed to sentencepiece.
+written, one line per sentence, to `TOK_DIR/_work/sample.txt` (TOK_DIR's staging directory when
+local; on object storage when TOK_DIR is remote, since a worker may share no disk with the
+launcher) and streamed to sentencepiece; `_work` is removed before the tokenizer files are
+written, `tokenizer_info.json` last.
 TOK_DIR gets `tokenizer.model`, `tokenizer.vocab`, `fingerprint.txt` and `tokenizer_info.json`
 (or, when adopting an HF tokenizer, its `tokenizer.json`/`tokenizer_config.json` instead of the
 first two).
@@ -19,10 +22,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 
+from dataprep.outputs import output_dir, remove_tree
 from dataprep.tokenizer import (
     FINGERPRINT_FILE,
     SentencePieceTokenizer,
@@ -34,17 +37,28 @@ from dataprep.tokenizer import (
 from kiln.cli import entry
 from kiln.errors import DataError, UsageError
 from kiln.log import get_logger
-from kiln.paths import atomic_dir, exists, join, read_bytes, write_bytes, write_text
+from kiln.paths import (
+    atomic_write,
+    exists,
+    join,
+    open_path,
+    read_bytes,
+    read_text,
+    write_bytes,
+    write_text,
+)
 
 log = get_logger(__name__)
 INFO_FILE = "tokenizer_info.json"
+WORK_DIR = "_work"  # the training sample; removed before the tokenizer files are written
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln tokenizer", description=__doc__.splitlines()[0])
     p.add_argument("--input", action="append", default=[],
                    help="NAME=PATH or PATH: documents dataset dir, dir or glob of JSONL/Parquet")
-    p.add_argument("--out", required=True, help="tokenizer directory to write (local)")
+    p.add_argument("--out", required=True,
+                   help="tokenizer directory to write, local or gs:// / s3:// (any fsspec URL)")
     p.add_argument("--from", dest="adopt", help="adopt a sentencepiece .model or an HF dir")
     p.add_argument("--vocab-size", type=int, help="vocabulary size to train")
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
@@ -83,8 +97,9 @@ def train(args: argparse.Namespace, beam_args: Sequence[str]) -> dict:
     units = plan_units(sources, args.rows_per_unit, args.text_field)
     spec = TrainSpec(vocab_size=args.vocab_size, model_type=args.model_type,
                      character_coverage=args.character_coverage, num_threads=args.threads)
-    with tempfile.TemporaryDirectory(prefix="kiln-tokenizer-") as tmp:
-        sample_path = os.path.join(tmp, "sample.txt")
+    with output_dir(args.out) as out:
+        work = join(out, WORK_DIR)
+        sample_path = join(work, "sample.txt")
         stats = draw_sample(units, args.sample_bytes, sample_path, args.text_field,
                             args.id_field, beam_args, spec.max_sentence_length)
         if not stats["documents"]:
@@ -93,12 +108,14 @@ def train(args: argparse.Namespace, beam_args: Sequence[str]) -> dict:
                  spec.vocab_size, stats["documents"], stats["bytes"], stats["lines"])
         tok = SentencePieceTokenizer(train_sentencepiece(_lines(sample_path), spec),
                                      name=os.path.basename(os.path.normpath(args.out)))
-    info = {"kind": "sentencepiece", "model_type": spec.model_type, "vocab_size": tok.vocab_size,
-            "fingerprint": tok.fingerprint, "special_ids": tok.special_ids,
-            "sample": {**stats, "max_bytes": args.sample_bytes},
-            "source": {"inputs": list(args.input), "files": sum(len(s.files) for s in sources)},
-            "train": asdict(spec)}
-    with atomic_dir(args.out) as out:
+        remove_tree(work)
+        info = {"kind": "sentencepiece", "model_type": spec.model_type,
+                "vocab_size": tok.vocab_size, "fingerprint": tok.fingerprint,
+                "special_ids": tok.special_ids,
+                "sample": {**stats, "max_bytes": args.sample_bytes},
+                "source": {"inputs": list(args.input),
+                           "files": sum(len(s.files) for s in sources)},
+                "train": asdict(spec)}
         save_tokenizer_dir(out, tok)
         write_text(join(out, INFO_FILE), json.dumps(info, indent=2) + "\n")
     return info
@@ -106,7 +123,8 @@ def train(args: argparse.Namespace, beam_args: Sequence[str]) -> dict:
 
 def draw_sample(units, max_bytes: int, path: str, text_field: str, id_field: str,
                 beam_args: Sequence[str], max_sentence_bytes: int) -> dict:
-    """Run the sampling pipeline; the sample lands in `path` in hash order."""
+    """Run the sampling pipeline; the sample lands in `path` (local or remote, written by a
+    worker) in hash order."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -114,25 +132,25 @@ def draw_sample(units, max_bytes: int, path: str, text_field: str, id_field: str
 
     def write(items: list) -> None:
         lines = 0
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_write(path, "wb") as f:
             for _, _, _, text in items:
                 for line in training_lines(text, max_sentence_bytes):
-                    f.write(line + "\n")
+                    f.write(f"{line}\n".encode())
                     lines += 1
-        with open(f"{path}.stats", "w") as f:
-            json.dump({"documents": len(items), "bytes": sum(i[2] for i in items),
-                       "lines": lines}, f)
+        write_text(f"{path}.stats", json.dumps({"documents": len(items),
+                                                "bytes": sum(i[2] for i in items),
+                                                "lines": lines}))
 
     with beam.Pipeline(options=PipelineOptions(list(beam_args))) as pipeline:
         _ = (pipeline
              | "Sample" >> SampleDocuments(units, max_bytes, text_field, id_field)
              | "WriteSample" >> beam.Map(write))
-    with open(f"{path}.stats") as f:
-        return json.load(f)
+    return json.loads(read_text(f"{path}.stats"))
 
 
 def _lines(path: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+    # streamed: sentencepiece takes a sentence iterator, so a remote sample needs no local copy
+    with open_path(path, "r", compression=None, encoding="utf-8") as f:
         for line in f:
             yield line.rstrip("\n")
 
@@ -158,7 +176,7 @@ def adopt(src: str, out_dir: str) -> dict:
     if missing:
         log.warning("adopted tokenizer has no single id for %s: they are encoded as text",
                     ", ".join(missing))
-    with atomic_dir(out_dir) as out:
+    with output_dir(out_dir) as out:
         if files is None:
             save_tokenizer_dir(out, tok)
         else:

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import filecmp
 import gzip
-import html.parser
 import json
 import os
 import shutil
-import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from bench.sample_docs import node_doc_texts
 from dataprep.tokenizer import load_tokenizer
 from jobs import tokenize as tokenize_job
 from jobs import tokenizer as tokenizer_job
@@ -28,23 +27,6 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 MAX_DOC = 512
 DIRECT = ["--runner=DirectRunner"]
 TWO_WORKERS = DIRECT + ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
-
-
-class _Text(html.parser.HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self.skip = 0
-
-    def handle_starttag(self, tag, attrs):
-        self.skip += tag in ("script", "style")
-
-    def handle_endtag(self, tag):
-        self.skip -= tag in ("script", "style")
-
-    def handle_data(self, data):
-        if not self.skip:
-            self.parts.append(data)
 
 
 def _documents_dir(path, texts: list[str], per_shard: int) -> None:
@@ -64,14 +46,7 @@ def corpus(tmp_path_factory):
     with gzip.open(f"{DATA}/hh-rlhf-harmless-base-test.jsonl.gz", "rt", encoding="utf-8") as f:
         hh = [json.loads(line)["chosen"] for _, line in zip(range(240), f, strict=False)]
     _documents_dir(root / "hh", hh, 100)
-    with tarfile.open(f"{DATA}/nodejs-api-html.tar.gz") as tar:
-        pages = sorted(m.name for m in tar.getmembers() if m.name.endswith(".html"))[:6]
-        docs = []
-        for name in pages:
-            p = _Text()
-            p.feed(tar.extractfile(name).read().decode("utf-8"))
-            docs.append("".join(p.parts))
-    _documents_dir(root / "node", docs, 3)
+    _documents_dir(root / "node", node_doc_texts(6), 3)
     (root / "chat").mkdir()
     (root / "chat" / "a.jsonl").write_text("\n".join([
         json.dumps({"id": "c1", "text": "User: hi\nAssistant: hello!"}),
