@@ -101,8 +101,23 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
                 os.unlink(tmp)
             raise
     else:
-        with fsspec.open(path, mode).open() as f:
+        # Object stores publish an object when its upload completes: on close. An exception must
+        # therefore cancel the upload (gcsfs/s3fs `discard`: abort the resumable or multipart
+        # upload), not close the file, or the part written so far would become the object.
+        f = fsspec.open(path, mode).open()
+        try:
             yield f
+        except BaseException:
+            discard = getattr(f, "discard", None)
+            if discard is not None:
+                discard()
+            else:
+                f.close()
+                fs, _, [target] = fsspec.get_fs_token_paths(path)
+                if fs.exists(target):
+                    fs.rm(target)
+            raise
+        f.close()
 
 
 def write_bytes(path: str, data: bytes) -> None:
