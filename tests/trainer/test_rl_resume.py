@@ -1,9 +1,11 @@
 """PPO (adaptive β) and GRPO runs stopped after a checkpoint in the middle of a rollout resume to
 exactly the per-step metrics of an uninterrupted run: the KL controller's β, the rollout being
-trained on and the position in its mini-batches come back from the checkpoint.
+trained on and the position in its mini-batches come back from the checkpoint. At DP=2 each DP
+rank gets its own rollout back; under another layout (TP=2) the rollout is sampled again, scored
+with the β it had before.
 
 One child process trains each stage three times (uninterrupted; stopped at a checkpoint; resumed
-in the stopped run's directory) on the CPU backend.
+in the stopped run's directory) on the CPU backend; the DP=2 runs go through torchrun.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.conftest import ROOT, child_env, metrics
+from tests.trainer.conftest import ROOT, child_env, metrics, run_layouts
 
 CONFIGS = ROOT / "trainer" / "configs"
 # Two optimizer steps per rollout: a checkpoint after an odd step is in the middle of one.
@@ -78,6 +80,35 @@ def test_resume_mid_rollout_continues_exactly(runs: Path, stage: str) -> None:
         assert coefs[0] == 0.05 and abs(coefs[-1] - coefs[0]) > 1e-3
     # the interrupted rollout is trained on, not sampled (and recorded) again
     assert _rollouts(runs / f"{stage}-resumed") == _rollouts(runs / f"{stage}-straight")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rl-resume-2")
+    config, _, _, overrides = RUNS["ppo"]
+    saved = f"checkpoint.dir={out / 'dp2-stop' / 'checkpoints'}"
+    run_layouts(out, {"dp2-straight": ["train.steps=4"],
+                      "dp2-stop": ["train.steps=3", "checkpoint.save=true"],
+                      "dp2-resumed": ["train.steps=4", saved],
+                      "tp2-resumed": ["train.steps=4", "parallel.tp=2", saved]},
+                *COMMON, *overrides, "train.micro_batch_size=4", nproc=2,
+                config=str(CONFIGS / config))
+    return out
+
+
+@pytest.mark.slow
+def test_ppo_resume_at_dp2_and_under_another_layout(two_ranks: Path) -> None:
+    straight = metrics(two_ranks / "dp2-straight")
+    [same], [other] = metrics(two_ranks / "dp2-resumed"), metrics(two_ranks / "tp2-resumed")
+    keys = set(straight[3]) - TIMING
+    assert same["step"] == 4
+    assert {k: same[k] for k in keys} == pytest.approx({k: straight[3][k] for k in keys},
+                                                       abs=1e-6, rel=0)
+    # TP=2 cannot take the DP ranks' rollouts: rollout 1 is sampled again with the policy after
+    # step 3 (other samples), and scored with rollout 1's β, not the β its first KL updated
+    assert abs(other["reward_mean"] - straight[3]["reward_mean"]) > 1e-6
+    assert other["kl_coef"] == pytest.approx(straight[3]["kl_coef"], abs=1e-9, rel=0)
+    assert straight[3]["kl_coef"] != straight[0]["kl_coef"]
 
 
 if __name__ == "__main__":
