@@ -4,13 +4,15 @@ Layout on disk: `<dir>/step-00000042/` (one dist checkpoint) and `<dir>/latest` 
 writes `<dir>/.partial-step-…/`, renames it into place and only then moves `latest`, so a crash at
 any moment leaves the previous checkpoint and `latest` intact. Tensors are stored by global name
 and offset, so a run with another TP/PP/VPP/DP layout loads the same weights. Resuming restores
-weights, optimizer, LR schedule, data position and RNG. Adam's moments (and fp32 master weights)
-are stored like the weights, one tensor per parameter under the parameter's global name (megatron's
-`fully_reshardable` format for the distributed optimizer; the plain optimizer's own format), so a
-resume under any other TP/PP/VPP/DP layout continues exactly; the per-rank RNG state is restored
-only under the same layout. Moments restart (with a warning) only when `distributed_optimizer` was
-switched, or for an older checkpoint whose distributed optimizer state is per DP rank
-(`dp_reshardable`) resumed under a new TP/PP/VPP/CP split.
+weights, optimizer, LR schedule, data position, RNG and the stage's own state
+(`Stage.sharded_state_dict`: PPO's adaptive β, the rollout in training). Adam's moments (and fp32
+master weights) are stored like the weights, one tensor per parameter under the parameter's global
+name (megatron's `fully_reshardable` format for the distributed optimizer; the plain optimizer's
+own format), so a resume under any other TP/PP/VPP/DP layout continues exactly; the per-rank RNG
+state (and a stage's per-rank state) is restored only under the same layout. Moments restart (with
+a warning) only when `distributed_optimizer` was switched, or for an older checkpoint whose
+distributed optimizer state is per DP rank (`dp_reshardable`) resumed under a new TP/PP/VPP/CP
+split.
 """
 
 from __future__ import annotations
@@ -125,8 +127,9 @@ def save(t: Trainer) -> str:
         os.makedirs(partial)
     runtime.barrier()
     sd = _state_dict(t, optimizer=_METADATA, rng=True, is_loading=False)
-    sd.update(scheduler=t.scheduler.state_dict(), train_state=dataclasses.asdict(t.state),
-              layout=_layout_key(), config=dump_yaml(t.cfg))
+    sd.update(stage=t.stage.sharded_state_dict(), scheduler=t.scheduler.state_dict(),
+              train_state=dataclasses.asdict(t.state), layout=_layout_key(),
+              config=dump_yaml(t.cfg))
     dist_checkpointing.save(sd, partial, content_metadata=_METADATA)
     runtime.barrier()
     if runtime.rank() == 0:
@@ -265,6 +268,8 @@ def restore(t: Trainer) -> None:
                     restart)
     sd = _state_dict(t, optimizer=metadata if restart is None else None, rng=saved == now,
                      is_loading=True)
+    if "stage" in common:  # absent from checkpoints older than the stage hook
+        sd["stage"] = t.stage.sharded_state_dict(per_rank=saved == now)
     loaded = dist_checkpointing.load(sd, path)
     for i, chunk in enumerate(t.model):
         unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
@@ -279,5 +284,7 @@ def restore(t: Trainer) -> None:
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"])
         mp.get_cuda_rng_tracker().set_states(rng["tracker"])
+    if "stage" in sd:
+        t.stage.load_state_dict(loaded["stage"])
     log.info("resumed from %s at step %d (%d samples consumed)", path, t.state.step,
              t.state.consumed_samples)

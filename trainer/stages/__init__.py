@@ -27,7 +27,8 @@ class Stage:
 
     Call order: `setup()` once (after the distributed runtime is up), `build_model()` once, then
     per step `before_step(step, model)` and, per micro-batch, `forward(model_chunk, batch)` on
-    every pipeline stage and `loss(output, batch)` on the last one.
+    every pipeline stage and `loss(output, batch)` on the last one. A resumed run calls
+    `load_state_dict` after `build_model`, before the first step.
     """
 
     name: ClassVar[str]
@@ -65,6 +66,19 @@ class Stage:
 
     def before_step(self, step: int, model: list[torch.nn.Module]) -> None:
         """Hook before each optimizer step (rollouts for PPO/GRPO, reference refresh...)."""
+
+    def sharded_state_dict(self, per_rank: bool = True) -> dict[str, Any]:
+        """What a resume needs of the stage beyond the trainer's checkpoint (weights, optimizer,
+        LR schedule, data position, RNG): e.g. PPO's adaptive β and the rollout in training.
+
+        Plain values must be the same on every rank: they are stored once, in the checkpoint's
+        common state. State that differs between ranks goes in megatron `ShardedObject`s, asked
+        for only when `per_rank` (a load under the layout the checkpoint was saved with).
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `sharded_state_dict` saved (each `ShardedObject` replaced by its value)."""
 
     def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """One model chunk on one micro-batch. Default: causal LM with per-token loss."""

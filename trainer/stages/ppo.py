@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -59,6 +60,18 @@ class PpoStage(RLStage):
         o = self.opts
         self.kl_ctl = (AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon)
                        if o.adaptive_kl else FixedKLController(o.kl_coef))
+
+    def sharded_state_dict(self, per_rank: bool = True) -> dict[str, Any]:
+        return {**super().sharded_state_dict(per_rank), "kl_coef": self.kl_ctl.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if not self.opts.adaptive_kl or "kl_coef" not in state:
+            return  # a fixed β is the config's
+        # β has taken the current rollout's KL. A rollout cut short that is sampled again (it
+        # could not be restored) updates β once more: give it back the β it was scored with.
+        again = state["steps_left"] > 0 and not self._minibatches
+        self.kl_ctl.value = state["rollout_metrics"]["kl_coef"] if again else state["kl_coef"]
 
     def make_rollout(self, seqs: dict[str, torch.Tensor], scores: torch.Tensor,
                      policy: list[torch.Tensor], ref_logps: torch.Tensor) -> RolloutBatch:

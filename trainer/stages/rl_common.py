@@ -11,7 +11,12 @@ the sampler. Pipeline parallelism and sequence parallelism are refused (see trai
 Rewards: `reward_function: "module:function"` (see trainer/rewards.py) and/or
 `reward_model: CHECKPOINT` (a `stage: rm` checkpoint, any layout); with both they are added.
 The reference is the starting policy: `init.checkpoint`, or a copy of the seeded initial weights.
-A run resumed in the middle of a rollout samples a fresh rollout with the restored policy.
+
+Checkpoints hold the rollout in training (its tensors and the mini-batches left, per DP rank), so
+a run resumed in the middle of a rollout continues it exactly. Under another parallel layout, or a
+rollout schedule changed by the config, it samples that rollout again with the restored policy.
+Nothing else needs saving: prompts, generation seeds and mini-batch orders are functions of
+(`train.seed`, rollout index, DP rank), and whitening uses each rollout's own moments.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import sentencepiece as spm
 import torch
 import yaml
 from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from kiln.config import from_dict
 from kiln.errors import ConfigError
@@ -171,7 +178,7 @@ class RLStage(ChatStage):
 
     # ---- rollouts ---------------------------------------------------------------------------
     def before_step(self, step: int, model: list[torch.nn.Module]) -> None:
-        if self.rollout is None or not self._minibatches:
+        if not self._minibatches:
             index, done = divmod(step, self.steps_per_rollout)
             self._sample_rollout(index, model[0])
             for _ in range(done):  # resumed mid-rollout: this rollout's remaining steps only
@@ -271,6 +278,40 @@ class RLStage(ChatStage):
         return {"reward_mean": self.global_mean(r.scores),
                 "kl": self.global_mean(((r.old_logps - r.ref_logps) * mask).sum(-1)),
                 "completion_length": self.global_mean(mask.sum(-1))}
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def _schedule(self) -> list[int]:
+        return [self.rollout_size, self.opts.epochs, self.cfg.train.global_batch_size]
+
+    def sharded_state_dict(self, per_rank: bool = True) -> dict[str, Any]:
+        """The rollout in training: its rollout-wide metrics (the same on every rank) and, per DP
+        rank, its tensors and the mini-batches still to take (one object per DP rank; its TP/CP
+        ranks hold the same rollout). An exhausted rollout stores no tensors."""
+        state: dict[str, Any] = {"rollout_metrics": dict(self.rollout_metrics),
+                                 "steps_left": len(self._minibatches), "schedule": self._schedule()}
+        if per_rank:
+            left = self.rollout is not None and bool(self._minibatches)
+            batch = {k: v.cpu() for k, v in vars(self.rollout).items() if v is not None} \
+                if left else None
+            state["rollout"] = ShardedObject(
+                f"stage.{self.name}.rollout", {"batch": batch, "minibatches": list(self._minibatches)},
+                (runtime.dp_size(),), (runtime.dp_rank(),),
+                replica_id=(runtime.tp_rank(), ps.get_context_parallel_rank()))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rollout_metrics = dict(state["rollout_metrics"])
+        saved = state.get("rollout")
+        if saved is None or saved["batch"] is None:
+            return
+        if state["schedule"] != self._schedule():
+            log.warning("the checkpoint's rollout was cut into mini-batches for (rollout size, "
+                        "epochs, train.global_batch_size) = %s, now %s: sampling it again",
+                        state["schedule"], self._schedule())
+            return
+        device = runtime.device()
+        self.rollout = RolloutBatch(**{k: v.to(device) for k, v in saved["batch"].items()})
+        self._minibatches = deque(saved["minibatches"])
 
     # ---- training -----------------------------------------------------------------------------
     def train_batches(self, start_sample: int) -> Iterator[Batch]:

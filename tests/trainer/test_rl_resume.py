@@ -1,0 +1,115 @@
+"""PPO (adaptive β) and GRPO runs stopped after a checkpoint in the middle of a rollout resume to
+exactly the per-step metrics of an uninterrupted run: the KL controller's β, the rollout being
+trained on and the position in its mini-batches come back from the checkpoint. At DP=2 each DP
+rank gets its own rollout back; under another layout (TP=2) the rollout is sampled again, scored
+with the β it had before.
+
+One child process trains each stage three times (uninterrupted; stopped at a checkpoint; resumed
+in the stopped run's directory) on the CPU backend; the DP=2 runs go through torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.conftest import ROOT, child_env, metrics, run_layouts
+
+CONFIGS = ROOT / "trainer" / "configs"
+# Two optimizer steps per rollout: a checkpoint after an odd step is in the middle of one.
+RUNS = {
+    "ppo": ("tiny-ppo.yaml", 6, 3, ["ppo.prompts_per_rollout=16", "ppo.adaptive_kl=true",
+                                    "ppo.kl_target=0.1", "ppo.kl_horizon=100"]),
+    "grpo": ("tiny-grpo.yaml", 4, 1, ["grpo.prompts_per_rollout=4", "grpo.samples_per_prompt=4"]),
+}
+COMMON = ["train.global_batch_size=8", "train.micro_batch_size=8", "train.log_every=1"]
+TIMING = {"tokens_per_s", "tflops_per_rank", "peak_memory_gb", "mfu"}
+
+
+def _child(out: str) -> None:
+    import trainer.stages.grpo  # noqa: F401  (megatron is imported before the CPU backend is on)
+    import trainer.stages.ppo  # noqa: F401
+    from kiln.log import setup_logging
+    from tensor_parallel import runtime
+    from trainer.config import load_run_config
+    from trainer.loop import train
+
+    setup_logging("WARNING")
+    for stage, (config, steps, stop, overrides) in RUNS.items():
+        for run, n, save in (("straight", steps, "false"), ("resumed", stop, "true"),
+                             ("resumed", steps, "true")):
+            cfg = load_run_config(str(CONFIGS / config),
+                                  [*COMMON, *overrides, f"train.steps={n}", f"checkpoint.save={save}",
+                                   f"run_dir={out}/{stage}-{run}"])
+            runtime.init(seed=cfg.train.seed)
+            train(cfg)
+            runtime.shutdown(keep_process_group=True)
+    runtime.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rl-resume")
+    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def _rollouts(run_dir: Path) -> list[int]:
+    lines = (run_dir / "rollouts" / "dp0.jsonl").read_text().splitlines()
+    return [json.loads(line)["rollout"] for line in lines]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(RUNS))
+def test_resume_mid_rollout_continues_exactly(runs: Path, stage: str) -> None:
+    straight, resumed = metrics(runs / f"{stage}-straight"), metrics(runs / f"{stage}-resumed")
+    steps = RUNS[stage][1]
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, steps + 1))
+    for a, b in zip(straight, resumed, strict=True):
+        keys = set(a) - TIMING
+        assert set(b) - TIMING == keys
+        assert {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, abs=1e-6, rel=0)
+    if stage == "ppo":  # β moved, so a restart from ppo.kl_coef would show
+        coefs = [r["kl_coef"] for r in straight]
+        assert coefs[0] == 0.05 and abs(coefs[-1] - coefs[0]) > 1e-3
+    # the interrupted rollout is trained on, not sampled (and recorded) again
+    assert _rollouts(runs / f"{stage}-resumed") == _rollouts(runs / f"{stage}-straight")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rl-resume-2")
+    config, _, _, overrides = RUNS["ppo"]
+    saved = f"checkpoint.dir={out / 'dp2-stop' / 'checkpoints'}"
+    run_layouts(out, {"dp2-straight": ["train.steps=4"],
+                      "dp2-stop": ["train.steps=3", "checkpoint.save=true"],
+                      "dp2-resumed": ["train.steps=4", saved],
+                      "tp2-resumed": ["train.steps=4", "parallel.tp=2", saved]},
+                *COMMON, *overrides, "train.micro_batch_size=4", nproc=2,
+                config=str(CONFIGS / config))
+    return out
+
+
+@pytest.mark.slow
+def test_ppo_resume_at_dp2_and_under_another_layout(two_ranks: Path) -> None:
+    straight = metrics(two_ranks / "dp2-straight")
+    [same], [other] = metrics(two_ranks / "dp2-resumed"), metrics(two_ranks / "tp2-resumed")
+    keys = set(straight[3]) - TIMING
+    assert same["step"] == 4
+    assert {k: same[k] for k in keys} == pytest.approx({k: straight[3][k] for k in keys},
+                                                       abs=1e-6, rel=0)
+    # TP=2 cannot take the DP ranks' rollouts: rollout 1 is sampled again with the policy after
+    # step 3 (other samples), and scored with rollout 1's β, not the β its first KL updated
+    assert abs(other["reward_mean"] - straight[3]["reward_mean"]) > 1e-6
+    assert other["kl_coef"] == pytest.approx(straight[3]["kl_coef"], abs=1e-9, rel=0)
+    assert straight[3]["kl_coef"] != straight[0]["kl_coef"]
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
