@@ -40,6 +40,32 @@ def run_layouts(out: Path, layouts: dict[str, list[str]], *common: str, nproc: i
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+def train_in_this_process(runs: list[tuple[str, list[str]]]) -> None:
+    """Train each (config path, overrides) in turn in this (child) process, one runtime each."""
+    import trainer.stages.grpo  # noqa: F401  (megatron is imported before the CPU backend is on)
+    import trainer.stages.ppo  # noqa: F401
+    import trainer.stages.rm  # noqa: F401
+    from kiln.log import setup_logging
+    from tensor_parallel import runtime
+    from trainer.config import load_run_config
+    from trainer.loop import train
+
+    setup_logging("WARNING")
+    for config, overrides in runs:
+        cfg = load_run_config(config, overrides)
+        runtime.init(seed=cfg.train.seed)
+        train(cfg)
+        runtime.shutdown(keep_process_group=True)
+    runtime.shutdown()
+
+
+def run_test_module_as_child(module_file: str, out: Path, timeout: int = 400) -> None:
+    """`python <test module> <out>`: a module whose `__main__` trains with the CPU backend."""
+    proc = subprocess.run([sys.executable, module_file, str(out)], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def metrics(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

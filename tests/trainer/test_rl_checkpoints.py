@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.conftest import ROOT, child_env, metrics
+from tests.trainer.conftest import (
+    ROOT,
+    child_env,
+    metrics,
+    run_test_module_as_child,
+    train_in_this_process,
+)
 
 CONFIGS = ROOT / "trainer" / "configs"
 SMALL = ["train.steps=2", "train.global_batch_size=8", "train.micro_batch_size=8",
@@ -19,15 +25,6 @@ SMALL = ["train.steps=2", "train.global_batch_size=8", "train.micro_batch_size=8
 
 
 def _child(out: str) -> None:
-    import trainer.stages.grpo  # noqa: F401  (megatron is imported before the CPU backend is on)
-    import trainer.stages.ppo  # noqa: F401
-    import trainer.stages.rm  # noqa: F401
-    from kiln.log import setup_logging
-    from tensor_parallel import runtime
-    from trainer.config import load_run_config
-    from trainer.loop import train
-
-    setup_logging("WARNING")
     runs = [
         ("rm", "tiny-rm.yaml", ["train.steps=2", "checkpoint.save=true", "train.eval_every=0"]),
         ("ppo", "tiny-ppo.yaml", [*SMALL, "ppo.prompts_per_rollout=8", "ppo.reward_function=null",
@@ -37,20 +34,14 @@ def _child(out: str) -> None:
         ("grpo-fresh", "tiny-grpo.yaml", [*SMALL, "train.steps=1", "grpo.prompts_per_rollout=2",
                                           "checkpoint.save=false"]),
     ]
-    for name, config, overrides in runs:
-        cfg = load_run_config(str(CONFIGS / config), [*overrides, f"run_dir={out}/{name}"])
-        runtime.init(seed=cfg.train.seed)
-        train(cfg)
-        runtime.shutdown(keep_process_group=True)
-    runtime.shutdown()
+    train_in_this_process([(str(CONFIGS / config), [*overrides, f"run_dir={out}/{name}"])
+                           for name, config, overrides in runs])
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rl-checkpoints")
-    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_test_module_as_child(__file__, out)
     return out
 
 

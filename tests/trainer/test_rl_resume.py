@@ -11,13 +11,18 @@ in the stopped run's directory) on the CPU backend; the DP=2 runs go through tor
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.trainer.conftest import ROOT, child_env, metrics, run_layouts
+from tests.trainer.conftest import (
+    ROOT,
+    metrics,
+    run_layouts,
+    run_test_module_as_child,
+    train_in_this_process,
+)
 
 CONFIGS = ROOT / "trainer" / "configs"
 # Two optimizer steps per rollout: a checkpoint after an odd step is in the middle of one.
@@ -31,32 +36,18 @@ TIMING = {"tokens_per_s", "tflops_per_rank", "peak_memory_gb", "mfu"}
 
 
 def _child(out: str) -> None:
-    import trainer.stages.grpo  # noqa: F401  (megatron is imported before the CPU backend is on)
-    import trainer.stages.ppo  # noqa: F401
-    from kiln.log import setup_logging
-    from tensor_parallel import runtime
-    from trainer.config import load_run_config
-    from trainer.loop import train
-
-    setup_logging("WARNING")
-    for stage, (config, steps, stop, overrides) in RUNS.items():
+    train_in_this_process([
+        (str(CONFIGS / config), [*COMMON, *overrides, f"train.steps={n}",
+                                 f"checkpoint.save={save}", f"run_dir={out}/{stage}-{run}"])
+        for stage, (config, steps, stop, overrides) in RUNS.items()
         for run, n, save in (("straight", steps, "false"), ("resumed", stop, "true"),
-                             ("resumed", steps, "true")):
-            cfg = load_run_config(str(CONFIGS / config),
-                                  [*COMMON, *overrides, f"train.steps={n}", f"checkpoint.save={save}",
-                                   f"run_dir={out}/{stage}-{run}"])
-            runtime.init(seed=cfg.train.seed)
-            train(cfg)
-            runtime.shutdown(keep_process_group=True)
-    runtime.shutdown()
+                             ("resumed", steps, "true"))])
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rl-resume")
-    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_test_module_as_child(__file__, out)
     return out
 
 
