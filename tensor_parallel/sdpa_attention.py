@@ -61,7 +61,7 @@ class SdpaDotProductAttention(DotProductAttention):
     def _packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 params: PackedSeqParams) -> torch.Tensor:
         if params.qkv_format != "thd" or not self._fused:
-            raise NotImplementedError(f"packed sequences in {params.qkv_format!r} format with "
+            raise ValueError(f"packed sequences in {params.qkv_format!r} format with "
                                       f"softmax {self.config.softmax_type!r} need Transformer Engine")
 
         def bounds(padded: torch.Tensor | None, plain: torch.Tensor, total: int):
