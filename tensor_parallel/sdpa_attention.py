@@ -62,7 +62,7 @@ class SdpaDotProductAttention(DotProductAttention):
                 params: PackedSeqParams) -> torch.Tensor:
         if params.qkv_format != "thd" or not self._fused:
             raise ValueError(f"packed sequences in {params.qkv_format!r} format with "
-                                      f"softmax {self.config.softmax_type!r} need Transformer Engine")
+                             f"softmax {self.config.softmax_type!r} need Transformer Engine")
 
         def bounds(padded: torch.Tensor | None, plain: torch.Tensor, total: int):
             cu = (padded if padded is not None else plain).long()
