@@ -125,6 +125,22 @@ def is_last_stage(vp_stage: int | None = None) -> bool:
     return ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
 
 
+def rng_state() -> dict:
+    """This rank's random streams: the default CPU (and CUDA) generators and megatron's tracker
+    (model-parallel, data-parallel... streams)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if on_gpu() else None,
+            "tracker": mp.get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Put back streams taken by `rng_state`."""
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    mp.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
 def tp_rank() -> int:
     return ps.get_tensor_model_parallel_rank()
 

@@ -26,7 +26,6 @@ import torch
 import yaml
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel as mp
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -85,10 +84,7 @@ def _layout_key() -> list[int]:
 
 def _rng_object() -> ShardedObject:
     layout = runtime.layout()
-    state = {"cpu": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if runtime.on_gpu() else None,
-             "tracker": mp.get_cuda_rng_tracker().get_states()}
-    return ShardedObject("rng_state", state, (layout.pp, layout.tp, layout.dp),
+    return ShardedObject("rng_state", runtime.rng_state(), (layout.pp, layout.tp, layout.dp),
                          (ps.get_pipeline_model_parallel_rank(), runtime.tp_rank(),
                           runtime.dp_rank()), replica_id=0)
 
@@ -279,11 +275,7 @@ def restore(t: Trainer) -> None:
     if restart is None:
         _load_optimizer(t.optimizer, loaded["optimizer"], t.state.step - t.state.skipped_steps)
     if saved == now:  # RNG streams are per rank: meaningful only under the same layout
-        rng = loaded["rng_state"]
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
-        mp.get_cuda_rng_tracker().set_states(rng["tracker"])
+        runtime.set_rng_state(loaded["rng_state"])
     if "stage" in sd:
         t.stage.load_state_dict(loaded["stage"])
     log.info("resumed from %s at step %d (%d samples consumed)", path, t.state.step,

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from megatron.core import tensor_parallel as mp
 from megatron.core.models.gpt import GPTModel
 
 from kiln.config import to_dict
@@ -111,7 +111,7 @@ def score_rows(scorer: RowScorer, model: Model, rows: np.ndarray,
     return values
 
 
-class Reference:
+class Reference(ABC):
     """Per-row reference log-probs `[2]` on the last pipeline stage, NaN where not computed.
 
     Per step the stage calls `before_step` (every rank, outside the training schedule), then
@@ -125,11 +125,11 @@ class Reference:
         self.scorer, self.num_rows = scorer, num_rows
         self.values: torch.Tensor | None = None  # [num_rows, 2] float64 on the CPU
 
+    @abstractmethod
     def before_step(self, step: int, policy: Model,
                     step_rows: Callable[[], list[np.ndarray]]) -> None:
         """Have the values of the step's micro-batches (`step_rows()`, this DP rank's rows of
         each) ready before the step trains on `policy`. Collective: every rank calls it."""
-        raise NotImplementedError
 
     def available(self) -> torch.Tensor | None:
         return self.values
@@ -153,16 +153,11 @@ class Reference:
 @contextlib.contextmanager
 def _rng_untouched() -> Iterator[None]:
     """Building a model draws from the RNGs: keep the run's streams (dropout) as they were."""
-    tracker = mp.get_cuda_rng_tracker()
-    cpu, states = torch.get_rng_state(), tracker.get_states()
-    cuda = torch.cuda.get_rng_state() if runtime.on_gpu() else None
+    state = runtime.rng_state()
     try:
         yield
     finally:
-        torch.set_rng_state(cpu)
-        tracker.set_states(states)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+        runtime.set_rng_state(state)
 
 
 def frozen_reference(cfg: Any, policy: Model, vocab_size: int, *,
