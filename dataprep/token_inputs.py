@@ -106,12 +106,13 @@ def _default_name(path: str) -> str:
 
 def resolve_files(path: str) -> list[str]:
     """The input files of one source, in document order."""
+    from dataprep.outputs import read_manifest_from
     from kiln.paths import exists, expand, join
-    from schemas.manifest import MANIFEST, read_manifest
+    from schemas.manifest import MANIFEST
 
     if exists(join(path, MANIFEST)):
         try:
-            manifest = read_manifest(join(path, MANIFEST))
+            manifest = read_manifest_from(path)  # local or object storage
         except (ValueError, OSError) as exc:
             raise DataError(f"unreadable manifest: {exc}", path=join(path, MANIFEST)) from None
         if manifest.schema.get("name") != "documents":

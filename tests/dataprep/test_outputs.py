@@ -72,3 +72,16 @@ def test_clear_dir_empties_a_remote_output(remote):
     assert not is_empty_dir(remote)
     clear_dir(remote)
     assert is_empty_dir(remote)
+
+
+def test_a_documents_manifest_on_object_storage_names_the_tokenize_inputs(remote):
+    import json
+
+    from dataprep.token_inputs import resolve_files
+
+    manifest = {"schema": {"name": "documents", "version": 1}, "ledger": {"stages": []},
+                "shards": [{"path": "part-0.parquet", "rows": 1, "bytes": 1, "sha256": "0"}],
+                "extra": {}}
+    MEMORY.pipe(remote.removeprefix("memory://") + "/manifest.json", json.dumps(manifest).encode())
+    MEMORY.pipe(remote.removeprefix("memory://") + "/part-0.parquet", b"x")
+    assert resolve_files(remote) == [f"{remote}/part-0.parquet"]
