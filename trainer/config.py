@@ -41,6 +41,9 @@ class ModelConfig:
     # Core attention of the local spec: torch SDPA (fused, GQA in place) or megatron's unfused
     # baddbmm/softmax/bmm. Transformer Engine brings its own fused attention.
     local_attention: Literal["sdpa", "megatron"] = "sdpa"
+    # Local spec: SwiGLU and the QKV split + RoPE as single autograd functions
+    # (tensor_parallel/fused_ops.py) instead of megatron's chains of torch ops.
+    local_fusions: bool = True
     precision: Literal["fp32", "bf16"] = "fp32"
     fp8: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] | None = None
     fp8_format: Literal["hybrid", "e4m3"] = "hybrid"

@@ -18,10 +18,12 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from kiln.errors import ConfigError
 from kiln.log import get_logger
 from tensor_parallel import SequenceParallelTorchNorm, runtime
+from tensor_parallel.fused_ops import FusedRopeSelfAttention, SwiGLU
 from tensor_parallel.sdpa_attention import SdpaDotProductAttention
 from trainer.config import RunConfig
 
@@ -89,6 +91,8 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         gradient_accumulation_fusion=False, masked_softmax_fusion=on_gpu,
         bias_activation_fusion=on_gpu, bias_dropout_fusion=on_gpu, persist_layer_norm=False,
         apply_rope_fusion=False,
+        # the local spec's MLP then calls `fused_ops.SwiGLU` on the whole fc1 output
+        use_te_activation_func=not te and m.local_fusions,
         attention_backend=AttnBackend.auto if te else AttnBackend.local,
         calculate_per_token_loss=True, recompute_granularity=recompute,
         # Interleaved schedules with batched p2p send wrong tensors when prev == next peer
@@ -105,12 +109,17 @@ def _layer_spec(cfg: RunConfig, config: TransformerConfig, vp_stage: int | None)
                                       normalization="RMSNorm", vp_stage=vp_stage)
     if not use_te:
         # torch norms, with sequence-parallel grads reduced over TP (see SequenceParallelTorchNorm)
-        spec.layer_norm = SequenceParallelTorchNorm
+        norm = ModuleSpec(module=SequenceParallelTorchNorm,
+                          params={"fused": cfg.model.local_fusions})
+        spec.layer_norm = norm
         for layer in spec.layer_specs:
-            layer.submodules.input_layernorm = SequenceParallelTorchNorm
-            layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+            layer.submodules.input_layernorm = norm
+            layer.submodules.pre_mlp_layernorm = norm
             if cfg.model.local_attention == "sdpa":
                 layer.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
+            if cfg.model.local_fusions:
+                layer.submodules.self_attention.module = FusedRopeSelfAttention
+                layer.submodules.mlp.submodules.activation_func = SwiGLU
     return spec
 
 
