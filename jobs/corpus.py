@@ -36,9 +36,10 @@ from dataprep.ledger_beam import (
 from kiln.config import from_dict, load_config, to_dict
 from kiln.errors import DataError, UsageError
 from kiln.log import get_logger
+from kiln.paths import is_local
 from schemas.contracts import contract
 from schemas.deadletter import DeadLetter, dead_letter
-from schemas.manifest import MANIFEST, Manifest, ShardEntry
+from schemas.manifest import MANIFEST, Manifest, ShardEntry, write_manifest
 
 log = get_logger(__name__)
 
@@ -206,8 +207,11 @@ def assemble_manifest(out: str, stages: list[str], config: CorpusConfig,
         extra={"pii_redactions": {k.removeprefix("pii."): n for k, n in stats.items()
                                   if k.startswith("pii.")},
                "inputs": list(args.input), "dedup": args.dedup, "config": to_dict(config)})
-    with FileSystems.create(FileSystems.join(out, MANIFEST)) as f:
-        f.write((json.dumps(manifest.to_json(), indent=2) + "\n").encode("utf-8"))
+    if is_local(out):  # atomically, as every other job writes its manifest
+        write_manifest(out.removeprefix("file://"), manifest)
+    else:  # an object store publishes the object whole when the upload completes
+        with FileSystems.create(FileSystems.join(out, MANIFEST)) as f:
+            f.write((json.dumps(manifest.to_json(), indent=2) + "\n").encode("utf-8"))
     FileSystems.delete([_as_dir(work)])
     return manifest
 

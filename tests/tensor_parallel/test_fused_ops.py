@@ -4,19 +4,13 @@ gradient) built with `model.local_fusions` on and off."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
 from tensor_parallel.fused_ops import RMSNorm, SwiGLU, _QkvRope
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tensor_parallel._model_pair import same_model
 
 
 def _freqs(s: int, hn: int, base: float) -> torch.Tensor:
@@ -104,40 +98,11 @@ def test_rms_norm_matches_torch() -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-MODEL = textwrap.dedent("""
-    import torch
-    from tensor_parallel import runtime
-    from trainer.config import load_run_config
-    from trainer.model import build_gpt_chunks
-
-    runtime.init(tp=1, seed=3)
-    tokens = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(32).expand(2, 32)
-    results = []
-    for fused in ("true", "false"):
-        cfg = load_run_config("trainer/configs/tiny-pretrain.yaml", [
-            f"model.local_fusions={fused}", "train.seq_length=32", "model.num_query_groups=2",
-            "model.rope_scaling_factor=8.0"])
-        [model] = build_gpt_chunks(cfg, 256)
-        loss = model(input_ids=tokens, position_ids=positions, attention_mask=None,
-                     labels=tokens).sum()
-        loss.backward()
-        kinds = {f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()}
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()], kinds))
-    fused = {f"tensor_parallel.fused_ops.{name}"
-             for name in ("FusedRopeSelfAttention", "SwiGLU", "RMSNorm")}
-    assert fused <= results[0][2], results[0][2]
-    assert not fused & results[1][2], results[1][2]
-    assert torch.allclose(results[0][0], results[1][0], rtol=1e-6), (results[0][0], results[1][0])
-    for a, b in zip(results[0][1], results[1][1]):
-        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
-    print("ok model", results[0][0].item())
-    runtime.shutdown()
-""")
-
-
 def test_gpt_with_fused_ops_matches_the_unfused_model() -> None:
-    proc = subprocess.run([sys.executable, "-c", MODEL], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ok model" in proc.stdout
+    fused, unfused = same_model(
+        ["model.local_fusions=true", "model.rope_scaling_factor=8.0"],
+        ["model.local_fusions=false", "model.rope_scaling_factor=8.0"])
+    ours = {f"tensor_parallel.fused_ops.{name}"
+            for name in ("FusedRopeSelfAttention", "SwiGLU", "RMSNorm")}
+    assert ours <= fused, fused
+    assert not ours & unfused, unfused

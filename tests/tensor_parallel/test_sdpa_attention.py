@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.tensor_parallel._model_pair import same_model
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
@@ -67,34 +69,6 @@ SCRIPT = textwrap.dedent("""
     runtime.shutdown()
 """)
 
-MODEL = textwrap.dedent("""
-    import torch
-    from tensor_parallel import runtime
-    from trainer.config import load_run_config
-    from trainer.model import build_gpt_chunks
-
-    runtime.init(tp=1, seed=3)
-    tokens = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(32).expand(2, 32)
-    results = []
-    for impl in ("sdpa", "megatron"):
-        cfg = load_run_config("trainer/configs/tiny-pretrain.yaml",
-                              [f"model.local_attention={impl}", "train.seq_length=32"])
-        [model] = build_gpt_chunks(cfg, 256)
-        loss = model(input_ids=tokens, position_ids=positions, attention_mask=None,
-                     labels=tokens).sum()
-        loss.backward()
-        kinds = {type(m).__name__ for m in model.modules()}
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()], kinds))
-    assert "SdpaDotProductAttention" in results[0][2] and "SdpaDotProductAttention" not in results[1][2]
-    assert torch.allclose(results[0][0], results[1][0], rtol=1e-6), (results[0][0], results[1][0])
-    for a, b in zip(results[0][1], results[1][1]):
-        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
-    print("ok model", results[0][0].item())
-    runtime.shutdown()
-""")
-
-
 def _run(script: str) -> str:
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": ""})
@@ -109,4 +83,6 @@ def test_sdpa_attention_matches_megatron_dot_product_attention() -> None:
 
 
 def test_gpt_with_sdpa_attention_matches_the_unfused_model() -> None:
-    assert "ok model" in _run(MODEL)
+    sdpa, unfused = same_model(["model.local_attention=sdpa"], ["model.local_attention=megatron"])
+    name = "tensor_parallel.sdpa_attention.SdpaDotProductAttention"
+    assert name in sdpa and name not in unfused
