@@ -70,15 +70,20 @@ def ours(steps: int, log_every: int) -> float:
     return statistics.median(r["tokens_per_s"] for r in records[1:])
 
 
+def gpu_overrides(steps: int, te: bool) -> list[str]:
+    """`llama-1b.yaml` on one GPU: the committed sample tokens, 4 micro-batches of 2 per step."""
+    return ["model.vocab_size=128256", f"train.steps={steps}", "train.log_every=5",
+            "train.eval_every=0", "train.micro_batch_size=2", "train.global_batch_size=8",
+            "schedule.warmup_steps=10", f"data.manifests=[{os.path.join(ROOT, SAMPLE)}]",
+            "data.weights=[1.0]", f"model.transformer_impl={'transformer_engine' if te else 'local'}"]
+
+
 def gpu(steps: int, fp8_recipe: str) -> dict:
     """bf16 (and FP8 with Transformer Engine) throughput and MFU of a Llama-3.2-1B shape."""
     from trainer.model import have_transformer_engine
 
     te = have_transformer_engine()
-    sets = ["model.vocab_size=128256", f"train.steps={steps}", "train.log_every=5",
-            "train.eval_every=0", "train.micro_batch_size=2", "train.global_batch_size=8",
-            "schedule.warmup_steps=10", f"data.manifests=[{os.path.join(ROOT, SAMPLE)}]",
-            f"model.transformer_impl={'transformer_engine' if te else 'local'}"]
+    sets = gpu_overrides(steps, te)
     runs = {"bf16": run_trainer("llama-1b.yaml", [*sets, "model.fp8=null"], quiet=False)}
     if te:
         runs["fp8"] = run_trainer("llama-1b.yaml", [*sets, f"model.fp8={fp8_recipe}"], quiet=False)

@@ -228,11 +228,17 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         wd_incr_steps=max(decay, 1), wd_incr_style="constant")
     tcfg.finalize_model_grads_func = finalize_model_grads
     tcfg.grad_scale_func = optimizer.scale_loss
+
+    def per_chunk(fns: list) -> Any:
+        # the schedules take one function per model chunk, or the function itself for one
+        # chunk (as Megatron-LM's training loop sets them)
+        return fns if len(fns) > 1 else fns[0]
+
     if cfg.parallel.overlap_grad_reduce:
-        tcfg.no_sync_func = [c.no_sync for c in model]
-        tcfg.grad_sync_func = [c.start_grad_sync for c in model]
+        tcfg.no_sync_func = per_chunk([c.no_sync for c in model])
+        tcfg.grad_sync_func = per_chunk([c.start_grad_sync for c in model])
     if cfg.parallel.overlap_param_gather:
-        tcfg.param_sync_func = [c.start_param_sync for c in model]
+        tcfg.param_sync_func = per_chunk([c.start_param_sync for c in model])
     return Trainer(cfg, stage, model, optimizer, scheduler, TrainState(), micro)
 
 

@@ -91,8 +91,9 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         gradient_accumulation_fusion=False, masked_softmax_fusion=on_gpu,
         bias_activation_fusion=on_gpu, bias_dropout_fusion=on_gpu, persist_layer_norm=False,
         apply_rope_fusion=False,
-        # the local spec's MLP then calls `fused_ops.SwiGLU` on the whole fc1 output
-        use_te_activation_func=not te and m.local_fusions,
+        # the local spec's MLP calls `fused_ops.SwiGLU` on the whole fc1 output on CPU; on GPU
+        # megatron's own `bias_swiglu_impl` (a compiled kernel) is the fused path
+        use_te_activation_func=not te and m.local_fusions and not on_gpu,
         attention_backend=AttnBackend.auto if te else AttnBackend.local,
         calculate_per_token_loss=True, recompute_granularity=recompute,
         # Interleaved schedules with batched p2p send wrong tensors when prev == next peer
@@ -119,6 +120,7 @@ def _layer_spec(cfg: RunConfig, config: TransformerConfig, vp_stage: int | None)
                 layer.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
             if cfg.model.local_fusions:
                 layer.submodules.self_attention.module = FusedRopeSelfAttention
+            if config.use_te_activation_func:
                 layer.submodules.mlp.submodules.activation_func = SwiGLU
     return spec
 

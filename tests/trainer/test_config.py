@@ -92,3 +92,16 @@ def test_padded_vocab_does_not_depend_on_tp() -> None:
 
     assert {padded_vocab_size(257, 128, tp) for tp in (1, 2, 4, 8)} == {384}
     assert padded_vocab_size(128256, 128, 8) == 128256
+
+
+@pytest.mark.parametrize("fusions", ["true", "false"])
+def test_gpu_local_spec_config_passes_megatron_validation(monkeypatch, fusions: str) -> None:
+    """On a GPU without Transformer Engine (the local spec in bf16) megatron's own checks accept
+    the config: its compiled SwiGLU, not `fused_ops.SwiGLU`, is the fused activation there."""
+    from trainer import model
+
+    monkeypatch.setattr(model.runtime, "on_gpu", lambda: True)
+    cfg = load_run_config(str(CONFIGS / "llama-1b.yaml"), [
+        "model.transformer_impl=local", "model.fp8=null", f"model.local_fusions={fusions}"])
+    config = model.transformer_config(cfg)
+    assert config.bias_activation_fusion and not config.use_te_activation_func

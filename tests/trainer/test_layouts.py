@@ -15,6 +15,8 @@ STEPS = ["train.steps=5", "train.log_every=1", "train.eval_every=0", "checkpoint
 SAVE = "checkpoint.save=true"  # tp2 and pp2 checkpoints are reloaded at TP=1/PP=1 below
 FOUR_LAYERS = "model.num_layers=4"
 TIED = "model.tie_embeddings=true"
+OVERLAP = ["parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+           "parallel.overlap_param_gather=true"]
 
 # name -> (ranks, reference, overrides)
 LAYOUTS = {
@@ -26,6 +28,8 @@ LAYOUTS = {
     "pp2_1f1b": (2, "ref2", ["parallel.pp=2", SAVE]),
     "pp2_vpp2": (2, "ref4", ["parallel.pp=2", "parallel.vpp=2", FOUR_LAYERS]),
     "dp2_distributed_optimizer": (2, "ref2", ["parallel.distributed_optimizer=true"]),
+    "overlap": (1, "ref2", OVERLAP),
+    "dp2_overlap": (2, "ref2", OVERLAP),
     "pp2_tied_embeddings": (2, "ref2_tied", ["parallel.pp=2", TIED]),
     "tp2_pp2": (4, "ref4", ["parallel.tp=2", "parallel.pp=2", FOUR_LAYERS]),
 }

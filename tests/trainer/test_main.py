@@ -50,3 +50,23 @@ def test_diverging_run_skips_bad_steps_then_stops_naming_the_step(tmp_path: Path
     stopped_at = records[-1]["step"]
     assert f"stopping at step {stopped_at}:" in proc.stderr
     assert records[-1]["skipped_steps"] == 3 and stopped_at < 20
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_trains_the_llama_1b_config(tmp_path: Path) -> None:
+    """`bench/train_step.py --gpu`'s overrides of `llama-1b.yaml` (the distributed optimizer
+    with overlapped grad reduce and param gather, the sample tokens) train; shrunk for the CPU."""
+    from bench.train_step import gpu_overrides
+
+    shrink = ["model.fp8=null", "model.precision=fp32", "model.num_layers=2",
+              "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
+              "model.num_query_groups=2", "train.seq_length=64", "train.log_every=2"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "trainer" / "main.py"), "--config",
+         str(ROOT / "trainer" / "configs" / "llama-1b.yaml"), "--set", *gpu_overrides(4, te=False),
+         *shrink, "checkpoint.save=false", f"run_dir={tmp_path}"],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = metrics(tmp_path)
+    assert [r["step"] for r in records] == [2, 4]
+    assert records[-1]["consumed_samples"] == 32 and records[-1]["loss"] < records[0]["loss"] + 1
