@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "trainer" / "configs" / "tiny-pretrain.yaml")
-DRIVER = str(ROOT / "tests" / "trainer" / "layouts_driver.py")
+DRIVER = str(ROOT / "tests" / "trainer" / "train_driver.py")
 
 
 def child_env() -> dict[str, str]:
@@ -26,18 +26,23 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def run_trainings(out: Path, runs: dict[str, list[str]], nproc: int = 1,
+                  timeout: int = 300) -> None:
+    """Each run: [config path, override, ...], trained in turn in one launch of `nproc` ranks;
+    writes out/<name>/metrics.jsonl."""
+    cmd = [sys.executable, DRIVER] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", DRIVER]
+    proc = subprocess.run([*cmd, str(out), json.dumps(runs)], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
 def run_layouts(out: Path, layouts: dict[str, list[str]], *common: str, nproc: int = 1,
                 config: str = TINY, timeout: int = 300) -> None:
     """Train `config` under each named layout (overrides) in one launch of `nproc` ranks."""
-    if nproc == 1:
-        cmd = [sys.executable, DRIVER]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", DRIVER]
-    cmd += [config, str(out), json.dumps(layouts), *common]
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_trainings(out, {name: [config, *common, *overrides] for name, overrides in layouts.items()},
+                  nproc=nproc, timeout=timeout)
 
 
 def train_in_this_process(runs: list[tuple[str, list[str]]]) -> None:
