@@ -1,21 +1,21 @@
 """RMSNorm, SwiGLU and the fused QKV split + rotary embedding, for the local (non-TE) spec.
 
 Under Transformer Engine these are TE kernels. Off TE, megatron runs them as chains of torch
-ops, and each chain makes copies that TE avoids:
+ops, and each chain makes passes and copies that TE avoids:
 
 - RMSNorm: torch's `rms_norm` is composite on CPU (pow, mean, add, rsqrt, two muls, and their
   autograd). `RMSNorm` computes the statistics in one read and the backward in closed form.
-
 - SwiGLU: megatron's `glu` chunks the fc1 output, so autograd `cat`s the two halves' gradients.
   `SwiGLU` writes both halves into one gradient tensor instead.
 - The QKV projection: megatron splits its fused output into query, key and value (a `cat` in the
   backward), rotates query and key (`_rotate_half` and the rotary pass-through each `cat`), and
-  core attention then copies all three into its `[b, s]` layout. `FusedRopeSelfAttention` does
-  the split, the rotation and the layout change in one pass (`_QkvRope`), and its backward writes
-  the fused gradient in one pass.
+  core attention then copies all three into its `[b, s]` layout. `FusedRopeSelfAttention` changes
+  each tensor's layout once and rotates it in three elementwise ops (`_QkvRope`); its backward
+  writes the fused gradient directly, without a `cat`.
 
-Both compute exactly what megatron's unfused code computes (tests compare values and gradients).
-They are plain torch ops, so they also run on a GPU with the local spec.
+All three compute what megatron's unfused code computes (tests compare values and gradients).
+On CPU (fp32) all three run; with the local spec on a GPU, `_QkvRope` runs, RMSNorm falls back
+to torch's for bf16 and megatron's compiled `bias_swiglu_impl` is the SwiGLU.
 """
 
 from __future__ import annotations
@@ -212,8 +212,8 @@ class FusedRopeSelfAttention(SelfAttention):
                 and inference_context is None and kwargs.get("inference_params") is None
                 and kwargs.get("packed_seq_params") is None and not args
                 and not (self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1])
-                and all(f is not None and f.shape[-1] == self.hidden_size_per_attention_head
-                        for f in rope))
+                and all(f is not None and f.dim() == 4 and f.shape[1:3] == (1, 1)
+                        and f.shape[-1] == self.hidden_size_per_attention_head for f in rope))
         if not fuse:
             return super().forward(hidden_states, attention_mask, key_value_states,
                                    inference_context, rotary_pos_emb, *args, **kwargs)

@@ -1,6 +1,7 @@
 """Build the tiny GPT twice, under two sets of config overrides, in a child process (the CPU
 backend changes process-wide torch state) and check that one forward/backward gives the same loss
-and the same gradient for every parameter. Returns each model's module classes."""
+and the same gradient for every parameter. Returns, for each model, its module classes and the
+autograd nodes its loss went through (which shows a fused path was taken, not fallen back from)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,25 @@ SCRIPT = textwrap.dedent("""
     runtime.init(tp=1, seed=3)
     tokens = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(32).expand(2, 32)
+    def graph_nodes(root):
+        seen, todo = set(), [root]
+        while todo:
+            node = todo.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                todo.extend(next_node for next_node, _ in node.next_functions)
+        return {type(node).__name__ for node in seen}
+
     results = []
     for overrides in json.loads(sys.argv[1]):
         cfg = load_run_config("trainer/configs/tiny-pretrain.yaml", ["train.seq_length=32", *overrides])
         [model] = build_gpt_chunks(cfg, 256)
         loss = model(input_ids=tokens, position_ids=positions, attention_mask=None,
                      labels=tokens).sum()
+        nodes = graph_nodes(loss.grad_fn)
         loss.backward()
-        kinds = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()})
+        kinds = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()}
+                       | nodes)
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()], kinds))
     (loss_a, grads_a, _), (loss_b, grads_b, _) = results
     assert torch.allclose(loss_a, loss_b, rtol=1e-6), (loss_a, loss_b)
@@ -41,7 +53,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def same_model(overrides_a: list[str], overrides_b: list[str]) -> tuple[set[str], set[str]]:
-    """Loss and gradients equal under both overrides; the module classes of each model."""
+    """Loss and gradients equal under both overrides; each model's module classes (by qualified
+    name) and autograd node names."""
     proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([overrides_a, overrides_b])],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(ROOT), "PATH": ""})
