@@ -16,7 +16,7 @@ And one for speed: megatron issues its collectives whatever the group size (the 
 reduce-scatter and parameter all-gather, the loss all-reduces over a TP group of one...), and
 gloo spends a thread hand-off and a copy on each. Collectives over a group of one rank are
 identities, so `_single_rank_shortcut` answers them in place (a copy when output and input differ).
-And `_keep_freed_memory`: glibc returns every freed block above its mmap threshold to the kernel,
+And `keep_freed_memory`: glibc returns every freed block above its mmap threshold to the kernel,
 so each step's activations come back as fresh pages that fault on first touch (~5,000 minor faults
 per step on the tiny benchmark model, ~2% of the step). On GPU torch's caching allocator keeps
 freed blocks; on CPU raising malloc's mmap and trim thresholds does the same.
@@ -255,7 +255,7 @@ _SIGNATURES: dict[Any, inspect.Signature] = {}
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
-def _keep_freed_memory() -> bool:
+def keep_freed_memory() -> bool:
     """Keep freed tensor memory in the heap for reuse instead of returning it to the kernel.
 
     Blocks up to 256 MiB come from the heap, and up to 1 GiB of free heap is kept: a process
@@ -300,7 +300,7 @@ def enable() -> None:
     _single_rank_shortcut()
     _mode = _CudaToCpu()
     _mode.__enter__()
-    kept = _keep_freed_memory()
+    kept = keep_freed_memory()
     _enabled = True
     log.info("CUDA not available: megatron-core runs on the CPU backend (gloo, fp32, local spec%s)",
              ", freed memory kept for reuse" if kept else "")
