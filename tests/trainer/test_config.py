@@ -71,7 +71,6 @@ def test_cluster_configs_split_their_cluster(name: str, world: int) -> None:
 @pytest.mark.parametrize("overrides, key", [
     (["model.fp8=delayed"], "model.fp8"),
     (["model.transformer_impl=transformer_engine"], "model.transformer_impl"),
-    (["model.precision=bf16"], "model.precision"),
     (["parallel.cp=2"], "parallel.cp"),
 ])
 def test_gpu_only_features_fail_at_startup_on_cpu(tiny_config: str, overrides: list[str],

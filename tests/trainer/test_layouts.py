@@ -33,17 +33,35 @@ LAYOUTS = {
     "pp2_tied_embeddings": (2, "ref2_tied", ["parallel.pp=2", TIED]),
     "tp2_pp2": (4, "ref4", ["parallel.tp=2", "parallel.pp=2", FOUR_LAYERS]),
 }
+# The GPU's mixed-precision path (Float16Module, fp32 main params and grads), run on CPU: bf16
+# rounding differs with the TP split, so these compare within bf16 tolerance
+BF16 = "model.precision=bf16"
+BF16_LAYOUTS = {
+    "tp2_bf16": (2, "ref2_bf16", ["parallel.tp=2", BF16]),
+    "dp2_bf16_overlap": (2, "ref2_bf16", [*OVERLAP, BF16]),
+}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("layouts")
-    run_layouts(out, {"ref2": [], "ref4": [FOUR_LAYERS], "ref2_tied": [TIED],
+    run_layouts(out, {"ref2": [], "ref4": [FOUR_LAYERS], "ref2_tied": [TIED], "ref2_bf16": [BF16],
                       **{name: o for name, (n, _, o) in LAYOUTS.items() if n == 1}}, *STEPS)
     for nproc in (2, 4):
-        chosen = {name: o for name, (n, _, o) in LAYOUTS.items() if n == nproc}
+        chosen = {name: o for name, (n, _, o) in {**LAYOUTS, **BF16_LAYOUTS}.items()
+                  if n == nproc}
         run_layouts(out, chosen, *STEPS, nproc=nproc)
     return out
+
+
+@pytest.mark.parametrize("name", list(BF16_LAYOUTS))
+def test_bf16_layout_matches_single_process(runs: Path, name: str) -> None:
+    _, ref, _ = BF16_LAYOUTS[name]
+    expected, got = losses(runs / ref), losses(runs / name)
+    assert got == pytest.approx(expected, abs=2e-3, rel=0)
+    # and bf16 trains the same model as fp32, within bf16's precision
+    assert losses(runs / ref) == pytest.approx(losses(runs / "ref2"), abs=1e-2, rel=0)
+    assert losses(runs / ref) != losses(runs / "ref2")
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

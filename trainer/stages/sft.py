@@ -36,8 +36,8 @@ class SftStage(ChatStage):
         m = self.cfg.model
         self.packed = self.data.contract == "sft_packed"
         # Transformer Engine takes packed rows as cu_seqlens (THD); the local spec takes the
-        # block-diagonal boolean mask, which megatron's fused causal softmax (bf16 on GPU) ignores,
-        # or THD through its SDPA core attention.
+        # block-diagonal boolean mask (which megatron's own core attention, with its fused causal
+        # softmax in bf16 on GPU, ignores; SDPA applies it) or THD through SDPA.
         te = m.transformer_impl == "transformer_engine"
         mode = self.opts.packed_attention
         if mode == "mask" and te:
@@ -50,9 +50,11 @@ class SftStage(ChatStage):
         if self.cu_seqlens and self.cfg.train.micro_batch_size != 1:
             raise ConfigError("train.micro_batch_size", "packed rows as cu_seqlens (THD) take "
                               "micro_batch_size=1 (one packed row per micro-batch)")
-        if self.packed and not self.cu_seqlens and runtime.on_gpu() and m.precision == "bf16":
-            raise ConfigError("model.transformer_impl", "packed rows in bf16 on GPU need "
-                              "transformer_engine (the local spec's fused softmax ignores masks)")
+        if (self.packed and not self.cu_seqlens and runtime.on_gpu() and m.precision == "bf16"
+                and m.local_attention == "megatron"):
+            raise ConfigError("model.local_attention", "packed rows in bf16 on GPU need masks "
+                              "that megatron's fused softmax ignores: use sdpa (or "
+                              "transformer_engine)")
 
     def collate(self, indices: np.ndarray) -> ArrayBatch:
         return collate_sft(self.data.rows(indices), self.seq_len(), self.pad_id,
