@@ -55,10 +55,11 @@ def test_diverging_run_skips_bad_steps_then_stops_naming_the_step(tmp_path: Path
 @pytest.mark.slow
 def test_gpu_benchmark_trains_the_llama_1b_config(tmp_path: Path) -> None:
     """`bench/train_step.py --gpu`'s overrides of `llama-1b.yaml` (the distributed optimizer
-    with overlapped grad reduce and param gather, the sample tokens) train; shrunk for the CPU."""
+    with overlapped grad reduce and param gather, bf16, the sample tokens) train; shrunk for the
+    CPU."""
     from bench.train_step import gpu_overrides
 
-    shrink = ["model.fp8=null", "model.precision=fp32", "model.num_layers=2",
+    shrink = ["model.fp8=null", "model.num_layers=2",
               "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
               "model.num_query_groups=2", "train.seq_length=64", "train.log_every=2"]
     proc = subprocess.run(
