@@ -4,8 +4,8 @@ CPU (default): same architecture (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings)
 length and fp32 on both sides. Ours runs `trainer/main.py` in a child process (its CPU backend
 changes process-wide torch state) and reports steady-state tokens/s from its metrics.jsonl;
 theirs is `transformers.LlamaForCausalLM` with a plain `torch.optim.AdamW` loop in this process.
-The trainer's CPU backend keeps freed memory in the heap (glibc `mallopt`, worth ~2% here);
-`--same-allocator` gives the HF loop that setting too, to compare the model code alone.
+The trainer's CPU backend keeps freed memory in the heap (glibc `mallopt`; in-process it saved
+about 2% of a step on either side); `--same-allocator` gives the HF loop that setting too.
 
     python bench/train_step.py [--steps 12] [--rounds 3] [--threads 1] [--same-allocator]
 

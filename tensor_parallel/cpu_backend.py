@@ -302,7 +302,7 @@ def enable() -> None:
     _mode.__enter__()
     kept = keep_freed_memory()
     _enabled = True
-    log.info("CUDA not available: megatron-core runs on the CPU backend (gloo, fp32, local spec%s)",
+    log.info("CUDA not available: megatron-core runs on the CPU backend (gloo, local spec%s)",
              ", freed memory kept for reuse" if kept else "")
 
 

@@ -41,7 +41,7 @@ class ModelConfig:
     # Core attention of the local spec: torch SDPA (fused, GQA in place) or megatron's unfused
     # baddbmm/softmax/bmm. Transformer Engine brings its own fused attention.
     local_attention: Literal["sdpa", "megatron"] = "sdpa"
-    # Local spec: SwiGLU and the QKV split + RoPE as single autograd functions
+    # Local spec: RMSNorm, SwiGLU and the QKV split + RoPE as single autograd functions
     # (tensor_parallel/fused_ops.py) instead of megatron's chains of torch ops.
     local_fusions: bool = True
     precision: Literal["fp32", "bf16"] = "fp32"
