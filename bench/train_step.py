@@ -19,8 +19,9 @@ local spec (SDPA attention) and FP8 is skipped.
 
     python bench/train_step.py --gpu [--steps 50] [--fp8-recipe tensorwise]
 
-Last line: {"bf16_tokens_per_s": ..., "bf16_mfu": ..., "fp8_tokens_per_s": ..., "fp8_speedup": ...,
-            "fp8_max_loss_diff": ..., "transformer_engine": ..., "goal_mfu": 0.45}
+Last line: {"bf16_tokens_per_s": ..., "bf16_mfu": ..., "bf16_peak_memory_gib": ...,
+            "plan_peak_gib": ... (kiln plan's estimate, with TE), "fp8_tokens_per_s": ...,
+            "fp8_speedup": ..., "fp8_max_loss_diff": ..., "transformer_engine": ..., "goal_mfu": 0.45}
 """
 
 from __future__ import annotations
@@ -80,6 +81,25 @@ def gpu_overrides(steps: int, te: bool) -> list[str]:
             "data.weights=[1.0]", f"model.transformer_impl={'transformer_engine' if te else 'local'}"]
 
 
+def plan_peak_gib() -> float:
+    """`kiln plan`'s estimate of the `--gpu` run's peak memory under Transformer Engine (llama-1b
+    on one GPU, bf16, the distributed optimizer, no recomputation). The plan's local backend is
+    megatron's own local spec, whose unfused attention keeps the s×s scores, not the SDPA path
+    the trainer runs without TE, so no estimate is given then."""
+    from tensor_parallel.plan.memory import (
+        GIB,
+        NAMED_MODELS,
+        Layout,
+        TrainingSetup,
+        estimate_memory,
+    )
+
+    setup = TrainingSetup(4096, 2, 8, "bf16", "te")
+    estimate = estimate_memory(NAMED_MODELS["llama-1b"], Layout(1, 1, 1, sequence_parallel=False),
+                               setup)
+    return estimate.peak(distributed_optimizer=True, recompute="none") / GIB
+
+
 def gpu(steps: int, fp8_recipe: str) -> dict:
     """bf16 (and FP8 with Transformer Engine) throughput and MFU of a Llama-3.2-1B shape."""
     from trainer.model import have_transformer_engine
@@ -95,7 +115,9 @@ def gpu(steps: int, fp8_recipe: str) -> dict:
 
     result: dict = {"transformer_engine": te, "steps": steps,
                     "bf16_tokens_per_s": round(steady(runs["bf16"], "tokens_per_s"), 1),
-                    "bf16_mfu": round(steady(runs["bf16"], "mfu"), 4)}
+                    "bf16_mfu": round(steady(runs["bf16"], "mfu"), 4),
+                    "bf16_peak_memory_gib": round(max(r.get("peak_memory_gb", 0.0) for r in runs["bf16"]), 2),
+                    "plan_peak_gib": round(plan_peak_gib(), 2) if te else None}
     if "fp8" in runs:
         losses = [(a["loss"], b["loss"]) for a, b in zip(runs["bf16"], runs["fp8"], strict=True)]
         result.update(fp8_recipe=fp8_recipe,
