@@ -55,7 +55,9 @@ def run_trainer(config: str, sets: list[str], quiet: bool = True) -> list[dict]:
         cmd = [sys.executable, os.path.join(ROOT, "trainer", "main.py"), "--config",
                os.path.join(ROOT, "trainer", "configs", config), "--set", *sets,
                "checkpoint.save=false", f"run_dir={run_dir}"]
-        env = dict(os.environ, PYTHONPATH=ROOT, KILN_LOG_LEVEL="WARNING",
+        # keep the caller's PYTHONPATH (bench/gpu_check.sh puts carried wheels there)
+        path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, PYTHONPATH=path, KILN_LOG_LEVEL="WARNING",
                    OMP_NUM_THREADS=str(torch.get_num_threads()))
         subprocess.run(cmd, check=True, env=env, cwd=ROOT,
                        stderr=subprocess.DEVNULL if quiet else None)
