@@ -150,23 +150,20 @@ class _QkvRope(torch.autograd.Function):
         query, key = torch.empty_like(src_q), torch.empty_like(src_k)
         _rotate(src_q, query, *q_trig, False)
         _rotate(src_k, key, *k_trig, False)
-        ctx.save_for_backward(q_freqs, k_freqs)
-        ctx.per_group = per_group
+        ctx.save_for_backward(*q_trig, *k_trig)
+        ctx.shape, ctx.per_group = mixed.shape, per_group
         return (query.flatten(2, 3).transpose(0, 1), key.squeeze(3).transpose(0, 1),
                 value.transpose(0, 1))
 
     @staticmethod
     def backward(ctx: Any, grad_q: torch.Tensor | None, grad_k: torch.Tensor | None,
                  grad_v: torch.Tensor | None):
-        q_freqs, k_freqs = ctx.saved_tensors
+        q_cos, q_sin, k_cos, k_sin = ctx.saved_tensors
+        ng, width = ctx.shape[2:]
         r = ctx.per_group
-        some = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
-        s, b, _, hn = some.shape
-        q_trig = _cos_sin(q_freqs, some.dtype)
-        k_trig = q_trig if k_freqs is q_freqs else _cos_sin(k_freqs, some.dtype)
-        ng = (grad_k if grad_k is not None else grad_v if grad_v is not None
-              else grad_q.unflatten(2, (-1, r))).shape[2]
-        grad = some.new_empty(s, b, ng, (r + 2) * hn)
+        hn = width // (r + 2)
+        q_trig, k_trig = (q_cos, q_sin), (k_cos, k_sin)
+        grad = q_cos.new_empty(ctx.shape)
         dq = grad[..., :r * hn].unflatten(-1, (r, hn))
         dk, dv = grad[..., r * hn:-hn].unsqueeze(3), grad[..., -hn:]
         for g, target, trig, shape in ((grad_q, dq, q_trig, (ng, r)), (grad_k, dk, k_trig, (ng, 1))):

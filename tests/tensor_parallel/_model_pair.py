@@ -52,12 +52,17 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def run_child(script: str, *args: str) -> str:
+    """Run `script` in a fresh interpreter (repository importable); its stdout."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def same_model(overrides_a: list[str], overrides_b: list[str]) -> tuple[set[str], set[str]]:
     """Loss and gradients equal under both overrides; each model's module classes (by qualified
     name) and autograd node names."""
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([overrides_a, overrides_b])],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(ROOT), "PATH": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    kinds_a, kinds_b = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_child(SCRIPT, json.dumps([overrides_a, overrides_b]))
+    kinds_a, kinds_b = json.loads(out.strip().splitlines()[-1])
     return set(kinds_a), set(kinds_b)

@@ -4,14 +4,9 @@ with left padding, one-token decode steps, and a whole GPT forward/backward."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-from tests.tensor_parallel._model_pair import same_model
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tensor_parallel._model_pair import run_child, same_model
 
 SCRIPT = textwrap.dedent("""
     import torch
@@ -69,15 +64,8 @@ SCRIPT = textwrap.dedent("""
     runtime.shutdown()
 """)
 
-def _run(script: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
 def test_sdpa_attention_matches_megatron_dot_product_attention() -> None:
-    out = _run(SCRIPT)
+    out = run_child(SCRIPT)
     for case in ("causal GQA", "packed", "left padding", "decode step", "decode step, no mask"):
         assert f"ok {case}\n" in out, out
 

@@ -1,8 +1,8 @@
-"""Shared by the post-training stage tests: the tiny configs and the trainings launcher."""
+"""Shared by the post-training stage tests: the tiny configs and their sample data."""
 
 from __future__ import annotations
 
-from tests.trainer.conftest import ROOT, run_trainings
+from tests.trainer.conftest import ROOT
 
 CONFIGS = ROOT / "trainer" / "configs"
 DATA = CONFIGS / "data"
@@ -11,5 +11,3 @@ DATA = CONFIGS / "data"
 def config(stage: str) -> str:
     return str(CONFIGS / f"tiny-{stage}.yaml")
 
-
-run_post = run_trainings  # each run: [config path, override, ...]

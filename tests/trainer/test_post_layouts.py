@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.conftest import losses, metrics
-from tests.trainer.post_helpers import DATA, config, run_post
+from tests.trainer.conftest import losses, metrics, run_trainings
+from tests.trainer.post_helpers import DATA, config
 
 pytestmark = pytest.mark.slow
 
@@ -43,15 +43,15 @@ def run(name: str, *overrides: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("post_layouts")
-    run_post(out, {s: run(s) for s in (*STAGES, "dpo_online", "dpo_online_deep")}
-             | {"sft_packed": run("sft", f"data.manifests=[{DATA / 'sample-sft-packed'}]"),
-                "kto": run("kto", *KTO_ONE_MICRO_BATCH),
-                "kto_online": run("kto_online", *KTO_ONE_MICRO_BATCH)})
+    run_trainings(out, {s: run(s) for s in (*STAGES, "dpo_online", "dpo_online_deep")}
+                  | {"sft_packed": run("sft", f"data.manifests=[{DATA / 'sample-sft-packed'}]"),
+                     "kto": run("kto", *KTO_ONE_MICRO_BATCH),
+                     "kto_online": run("kto_online", *KTO_ONE_MICRO_BATCH)})
     two = {f"{s}_{lay}": run(s, *LAYOUTS[lay]) for s, lay in RUNS}
     two["sft_tp2"] += ["checkpoint.save=true"]
     two["rm_from_sft"] = [config("rm"), *STEPS, *LAYOUTS["pp2"],
                           f"init.checkpoint={out / 'sft_tp2' / 'checkpoints'}"]
-    run_post(out, two, nproc=2)
+    run_trainings(out, two, nproc=2)
     return out
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.conftest import metrics
-from tests.trainer.post_helpers import config, run_post
+from tests.trainer.conftest import metrics, run_trainings
+from tests.trainer.post_helpers import config
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ STEPS = {"dpo": 16, "rm": 32}
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("post_learning")
-    run_post(out, {s: [config(s), *COMMON, f"train.steps={n}"] for s, n in STEPS.items()})
+    run_trainings(out, {s: [config(s), *COMMON, f"train.steps={n}"] for s, n in STEPS.items()})
     return out
 
 

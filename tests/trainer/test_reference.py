@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from kiln.errors import ConfigError, DataError
-from tests.trainer.conftest import metrics
-from tests.trainer.post_helpers import config, run_post
+from tests.trainer.conftest import metrics, run_trainings
+from tests.trainer.post_helpers import config
 from trainer.config import load_run_config
 from trainer.reference import StoredReference
 
@@ -51,7 +51,7 @@ def runs(tmp_path_factory) -> Path:
     ckpt = f"checkpoint.dir={out / 'resume_checkpoints'}"
     init = f"init.checkpoint={out / 'resume_checkpoints'}"
     online = ["dpo.reference=online"]
-    run_post(out, {
+    run_trainings(out, {
         "dpo_precomputed": [config("dpo"), *STEPS],
         "dpo_online": [config("dpo"), *STEPS, *online],
         "kto_precomputed": [config("kto"), *STEPS],
