@@ -154,7 +154,7 @@ def main() -> None:
     theirs_rate = docs / theirs_s / args.workers
     print(f"HTML documents: {docs}; cores: {args.workers}; extraction timeout {args.timeout}s; "
           f"best of {args.repeat}")
-    print(f"ours (Beam DirectRunner):         {ours_s:7.2f} s  {ours_rate:6.2f} docs/s/core  "
+    print(f"ours (Beam FnApiRunner):          {ours_s:7.2f} s  {ours_rate:6.2f} docs/s/core  "
           f"kept {len(ours)}")
     print(f"datatrove (LocalPipelineExecutor): {theirs_s:7.2f} s  {theirs_rate:6.2f} docs/s/core  "
           f"kept {len(theirs)}")

@@ -7,7 +7,7 @@ documents per CPU-second against datatrove; our CPU time at N and 4N documents.
 
     python bench/dedup.py [--n 2000] [--pairs-per-band 60]
 
-Both pipelines run on one core (Beam's in-process DirectRunner, datatrove's LocalPipelineExecutor
+Both pipelines run on one core (Beam's in-process FnApiRunner, datatrove's LocalPipelineExecutor
 with one worker); throughput is documents per CPU-second of this process, so other load on the
 machine does not count. Last line: one JSON object; `ratio` = our throughput / datatrove's at the
 same bands x rows (84 x 15), `goal` 1.0.
@@ -32,9 +32,9 @@ from scipy import sparse
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repo root in place of bench/, whose tokenize.py would shadow the stdlib module
 
 import apache_beam as beam  # noqa: E402
-from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from dataprep.dedup import MinHashConfig, MinHashDedup, shingles  # noqa: E402
+from jobs.beam_options import pipeline_options  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "sample_data")
 BANDS = [(0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.0)]
@@ -186,7 +186,7 @@ def clusters_from(ids: list[str], survivor_of: dict[str, str]) -> list[list[int]
 
 
 def run_ours(docs: list[dict], workdir: str) -> tuple[dict[str, str], float, float]:
-    """Our MinHashDedup on the in-process DirectRunner, reading JSON lines as datatrove does:
+    """Our MinHashDedup on the in-process FnApiRunner, reading JSON lines as datatrove does:
     (id -> survivor, CPU s, wall s)."""
     source = os.path.join(workdir, f"input-{len(docs)}.jsonl")
     with open(source, "w") as f:
@@ -196,7 +196,7 @@ def run_ours(docs: list[dict], workdir: str) -> tuple[dict[str, str], float, flo
     for stale in glob.glob(out + "*"):
         os.remove(stale)
     cpu, wall = time.process_time(), time.perf_counter()
-    with beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"])) as p:
+    with beam.Pipeline(options=pipeline_options([])) as p:
         result = (p | beam.io.ReadFromText(source) | beam.Map(json.loads)
                   | MinHashDedup(CONFIG))
         _ = (result["duplicates"] | beam.Map(json.dumps)

@@ -6,7 +6,7 @@
   megatron's own sentencepiece tokenizer and appends EOD, and `IndexedDatasetBuilder.add_document`
   in the parent;
 - ours: `kiln tokenize`'s core (read JSONL units, batch encode, write parts, plan, write shards)
-  timed in one process without pipeline start-up, and the whole job on Beam's DirectRunner with
+  timed in one process without pipeline start-up, and the whole job on Beam's FnApiRunner with
   the same number of workers as the megatron job (start-up included).
 
 Each of raw, megatron and our core runs `--rounds` times, interleaved, and keeps its best time
@@ -123,7 +123,7 @@ def run_ours_pipeline(in_dir: str, tok_dir: str, out: str, workers: int) -> int:
     from schemas.manifest import read_manifest
 
     tokenize_job.main(["--input", f"bench={in_dir}", "--tokenizer", tok_dir, "--out", out,
-                       "--runner=DirectRunner", "--direct_running_mode=multi_processing",
+                       "--direct_running_mode=multi_processing",
                        f"--direct_num_workers={workers}"])
     return read_manifest(out).tokens
 
@@ -203,7 +203,7 @@ def main() -> None:
     labels = {"raw": "raw sentencepiece batch, 1 process",
               "megatron": f"megatron preprocess_data, {args.workers} workers",
               "core": "kiln tokenize core, 1 process",
-              "pipeline": f"kiln tokenize DirectRunner, {args.workers} workers, with start-up"}
+              "pipeline": f"kiln tokenize FnApiRunner, {args.workers} workers, with start-up"}
     print(f"{len(docs):,} documents, {tokens['raw']:,} tokens, vocab {tok.vocab_size}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     for n, b in best.items():

@@ -20,7 +20,6 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from dataprep.corpus_transforms import STAGES, CleanConfig, CleanDocuments, WriteDocumentShards
 from dataprep.ledger_beam import (
@@ -33,6 +32,7 @@ from dataprep.ledger_beam import (
     read_stats,
     stage_counts,
 )
+from jobs.beam_options import pipeline_options
 from kiln.config import from_dict, load_config, to_dict
 from kiln.errors import DataError, UsageError
 from kiln.log import get_logger
@@ -176,10 +176,7 @@ def main(argv: Sequence[str]) -> int:
             raise UsageError(f"--input {pattern}: matches no file")
     _prepare_out(args.out, args.overwrite)
 
-    options = PipelineOptions(beam_args)
-    if options.view_as(StandardOptions).runner is None:
-        options.view_as(StandardOptions).runner = "DirectRunner"  # offline; Prism downloads
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     stages = build_pipeline(pipeline, args.input, args.out, config, dedup)
     pipeline.run().wait_until_finish()
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from dataprep.chat.formats import KIND, PREFERENCE_FORMATS, PairingRule, detect_format, iter_records
 from dataprep.chat.hygiene import HygieneConfig, read_eval_prompts
@@ -27,6 +26,7 @@ from dataprep.chat_transforms import (
     build_pipeline,
 )
 from dataprep.outputs import output_dir, remove_tree, write_manifest_to
+from jobs.beam_options import pipeline_options
 from kiln.cli import entry
 from kiln.config import load_config, to_dict
 from kiln.errors import DataError, UsageError
@@ -136,7 +136,7 @@ def run_chat_job(job: ChatJob, beam_args: list[str], tokenizer: Any, config: dic
     staged and renamed into place, a remote one written in place), then assemble `manifest.json`
     from the count files it wrote, check the ledger and write the manifest last."""
     with output_dir(job.out_dir) as staging:
-        with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
             build_pipeline(p, replace(job, out_dir=staging), tokenizer.fingerprint)
         work = join(staging, WORK_DIR)
         counts = json.loads(read_text(join(work, COUNTS_FILE)))

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataprep.token_inputs import parse_sources, plan_units
 from dataprep.token_shards import EncodeSettings
 from dataprep.tokenizer import load_tokenizer
+from jobs.beam_options import pipeline_options
 from kiln.cli import entry
 from kiln.errors import UsageError
 from kiln.log import get_logger
@@ -78,7 +79,6 @@ def tokenizer_info(tok, path: str) -> dict:
 
 def main(argv: Sequence[str]) -> int:
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
 
     from dataprep.outputs import clear_dir, is_empty_dir, read_manifest_from
     from dataprep.tokenize_transforms import TokenizeToShards
@@ -111,7 +111,7 @@ def main(argv: Sequence[str]) -> int:
     log.info("tokenizing %d files (%d units) from %d source(s) with %s (vocab %d)",
              sum(len(s.files) for s in sources), len(units), len(sources), tok.name,
              tok.vocab_size)
-    with beam.Pipeline(options=PipelineOptions(list(beam_args))) as pipeline:
+    with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
         _ = pipeline | "TokenizeToShards" >> TokenizeToShards(
             sources, units, tok, tokenizer_info(tok, args.tokenizer), settings, out,
             args.shard_tokens)

@@ -34,6 +34,7 @@ from dataprep.tokenizer import (
     train_sentencepiece,
     training_lines,
 )
+from jobs.beam_options import pipeline_options
 from kiln.cli import entry
 from kiln.errors import DataError, UsageError
 from kiln.log import get_logger
@@ -126,7 +127,6 @@ def draw_sample(units, max_bytes: int, path: str, text_field: str, id_field: str
     """Run the sampling pipeline; the sample lands in `path` (local or remote, written by a
     worker) in hash order."""
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
 
     from dataprep.tokenize_transforms import SampleDocuments
 
@@ -141,7 +141,7 @@ def draw_sample(units, max_bytes: int, path: str, text_field: str, id_field: str
                                                 "bytes": sum(i[2] for i in items),
                                                 "lines": lines}))
 
-    with beam.Pipeline(options=PipelineOptions(list(beam_args))) as pipeline:
+    with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
         _ = (pipeline
              | "Sample" >> SampleDocuments(units, max_bytes, text_field, id_field)
              | "WriteSample" >> beam.Map(write))

@@ -14,7 +14,6 @@ import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from dataprep.dedup import (
     ConnectedComponents,
@@ -28,11 +27,12 @@ from dataprep.dedup import (
     shingles,
 )
 from dataprep.dedup.joins import GROUP_SIZE_METRIC, HOT_KEYS_METRIC, METRICS_NAMESPACE
+from jobs.beam_options import pipeline_options
 
 VOCAB = ["".join(w) for w in itertools.islice(
     itertools.product("bdfgklmnprstvz", "aeiou", "bdfgklmnprstvz", "aeiou"), 3000)]
-IN_PROCESS = ["--runner=DirectRunner"]
-TWO_WORKERS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
+IN_PROCESS: list[str] = []
+TWO_WORKERS = ["--direct_running_mode=multi_processing",
                "--direct_num_workers=2"]
 
 
@@ -86,7 +86,7 @@ def chain(seed: int) -> list[dict]:
 
 def run(build, out_dir: Path, options: list[str]) -> tuple[dict[str, list], object]:
     """Run `build(pipeline) -> {name: PCollection}`, each written as JSON lines; read them back."""
-    p = beam.Pipeline(options=PipelineOptions(options))
+    p = beam.Pipeline(options=pipeline_options(options))
     outputs = build(p)
     for name, pcoll in outputs.items():
         _ = (pcoll

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from dataprep.ledger_beam import (
     Outcome,
@@ -17,6 +16,7 @@ from dataprep.ledger_beam import (
     read_stats,
     stage_counts,
 )
+from jobs.beam_options import pipeline_options
 from schemas.deadletter import dead_letter
 
 
@@ -50,7 +50,7 @@ class Pairs:
 
 def test_stages_count_every_outcome_and_balance(tmp_path: Path):
     work, out = str(tmp_path / "work"), str(tmp_path / "out")
-    with beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"])) as p:
+    with beam.Pipeline(options=pipeline_options([])) as p:
         read = p | beam.Create([1, 4, 7]) | "read" >> Stage("read", Explode(), source=True)
         even = read.kept | "even" >> Stage("even", KeepEven())
         small = even.kept | beam.Filter(lambda x: x < 600)

@@ -17,7 +17,7 @@ from schemas.shards import read_arrow_shard
 from schemas.validate import validate_path
 from tests.dataprep.chat_helpers import HH, train_tokenizer
 
-BEAM = ["--runner=DirectRunner"]
+BEAM: list[str] = []
 ASSISTANT, END, EOS = 6, 7, 3
 
 

@@ -25,7 +25,7 @@ from schemas.shards import write_parquet_shard
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs", "sample_data")
 MAX_DOC = 512
-DIRECT = ["--runner=DirectRunner"]
+DIRECT: list[str] = []
 TWO_WORKERS = DIRECT + ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 
 

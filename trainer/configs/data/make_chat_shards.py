@@ -33,7 +33,7 @@ from jobs import preference, sft  # noqa: E402
 SAMPLES = os.path.join(ROOT, "jobs", "sample_data")
 HH = os.path.join(SAMPLES, "hh-rlhf-harmless-base-test.jsonl.gz")
 MESSAGES = os.path.join(SAMPLES, "hh-rlhf-chosen-messages.jsonl")
-BEAM = ["--runner=DirectRunner"]
+BEAM: list[str] = []  # jobs pin the offline local runner
 
 
 def hh_rows(limit: int) -> list[dict]:
