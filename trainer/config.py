@@ -103,6 +103,16 @@ class TrainConfig:
     eval_batches: int = 2  # global batches of the validation split per evaluation
     save_every: int = 0  # 0: only at the end
     max_bad_steps: int = 3  # consecutive NaN/Inf steps before the run stops
+    # torch.profiler over steps [first, last] (inclusive) on these ranks: traces and an op table
+    # in <run_dir>/profile (trainer/profiling.py)
+    profile_steps: list[int] | None = None
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self) -> None:
+        if self.profile_steps is not None and not (
+                len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <= self.profile_steps[1]):
+            raise ConfigError("train.profile_steps",
+                              f"{self.profile_steps} is not [first, last] with 1 <= first <= last")
 
 
 @dataclass

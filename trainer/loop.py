@@ -38,6 +38,7 @@ from trainer import checkpoint
 from trainer.config import RunConfig
 from trainer.metrics import MetricsWriter, flops_per_token, peak_memory_gb, peak_tflops
 from trainer.model import check_model_config, padded_vocab_size
+from trainer.profiling import StepProfiler
 from trainer.stages import Batch, Stage, stage_class
 
 log = get_logger(__name__)
@@ -279,12 +280,16 @@ def train(cfg: RunConfig) -> TrainState:
     iters = [t.stage.train_batches(t.state.consumed_samples) for _ in range(chunks)]
     iterator = iters if chunks > 1 else iters[0]
     bad_in_a_row, tokens, started = 0, 0, time.perf_counter()
+    profiler = StepProfiler(cfg.run_dir, tr.profile_steps, tr.profile_ranks,
+                            runtime.rank(), runtime.on_gpu())
     with counter(f"{cfg.stage}", total=tr.steps, enabled=runtime.is_logging_rank()) as progress:
         progress.advance(t.state.step)
         while t.state.step < tr.steps:
             t.stage.before_step(t.state.step, t.model)
+            profiler.before(t.state.step + 1)
             applied, result = t.train_step(iterator)
             step = t.state.step
+            profiler.after(step)
             tokens += tr.global_batch_size * tr.seq_length
             if not applied:
                 t.state.skipped_steps += 1
@@ -314,6 +319,7 @@ def train(cfg: RunConfig) -> TrainState:
                                     "had a NaN/Inf loss or gradient")
             if cfg.checkpoint.save and ((tr.save_every and step % tr.save_every == 0) or last):
                 checkpoint.save(t)
+    profiler.close()
     writer.close()
     return t.state
 

@@ -25,6 +25,9 @@ def test_tiny_config_loads_with_overrides(tiny_config: str) -> None:
     ("train.steps=many", "train.steps"),
     ("model.fp8=fp4", "model.fp8"),
     ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel"),
+    ("train.profile_steps=[3,2]", "train.profile_steps"),
+    ("train.profile_steps=[0,2]", "train.profile_steps"),
+    ("train.profile_steps=[4]", "train.profile_steps"),
 ])
 def test_bad_keys_are_named(tiny_config: str, override: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,21 @@ def test_gpu_benchmark_trains_the_llama_1b_config(tmp_path: Path) -> None:
     records = metrics(tmp_path)
     assert [r["step"] for r in records] == [2, 4]
     assert records[-1]["consumed_samples"] == 32 and records[-1]["loss"] < records[0]["loss"] + 1
+
+
+def test_profile_steps_write_a_trace_and_an_op_table(tmp_path: Path) -> None:
+    common = ("train.steps=4", "train.log_every=1", "checkpoint.save=false",
+              "train.profile_steps=[2,3]")
+    proc = run_main("--set", *common, f"run_dir={tmp_path / 'on'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = tmp_path / "on" / "profile"
+    [trace] = profile.glob("rank0.*.pt.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)
+    table = (profile / "ops-rank0.txt").read_text()
+    assert table.startswith("steps 2-3, rank 0") and "aten::mm" in table
+    # a rank not listed writes nothing, and trains the same
+    proc = run_main("--set", *common, "train.profile_ranks=[1]", f"run_dir={tmp_path / 'off'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "off" / "profile").exists()
+    assert [r["loss"] for r in metrics(tmp_path / "off")] == [r["loss"] for r in metrics(tmp_path / "on")]
