@@ -4,7 +4,7 @@ megatron-core has no CPU path (its maintainers say so); these are the places 0.1
 each measured in `shared/notes/megatron-core-on-cpu.md`:
 
 1. the RNG tracker forks CUDA generator states -> `CpuRNGStatesTracker` forks the CPU generator;
-2. `torch.cuda.current_device()` is used as an allocation device -> it returns 0 and
+2. `torch.cuda.current_device()` is used as an allocation device -> it returns the CPU device;
 3. hard-coded `device="cuda"`, `Tensor.cuda()` and `tensor.type() == 'torch.cuda.FloatTensor'`
    asserts -> `_CudaToCpu`, a `TorchFunctionMode` that maps CUDA devices to the CPU and reports
    CPU tensors with their CUDA type names;
@@ -21,6 +21,13 @@ so each step's activations come back as fresh pages that fault on first touch (~
 per step on the tiny benchmark model, ~2% of the step). On GPU torch's caching allocator keeps
 freed blocks; on CPU raising malloc's mmap and trim thresholds does the same.
 
+And `_outside_device_mapping`: every torch call made under a `TorchFunctionMode` pays a Python
+dispatch (~1.3 µs; on the benchmark model ~2,100 calls, ~1.2% of a step). Megatron's schedules run
+the model's forward and backward in `schedules.forward_step` / `backward_step`; the code under them
+(layers, attention, the TP/SP collectives, the DDP hooks) allocates only on
+`torch.cuda.current_device()`, which is the CPU without the mode, so those two run with the mode
+off. Set-up, the optimizer, checkpointing, pipeline send/recv and generation keep it.
+
 `enable()` is called once by `tensor_parallel.runtime` and only when `torch.cuda.is_available()`
 is False; nothing here runs on a GPU host.
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import inspect
 import os
 from collections.abc import Iterator
@@ -154,8 +162,16 @@ class SequenceParallelTorchNorm:
         return norm
 
 
-def _no_op(*args: Any, **kwargs: Any) -> None:
-    return None
+def _no_op(name: str) -> Any:
+    """A do-nothing stand-in for `torch.cuda.<name>`: one function object per name, because
+    torch.compile's trace rules refuse one object that stands for two torch functions (megatron
+    compiles its fused activations when they are first imported, which can be after `enable`)."""
+
+    def no_op(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    no_op.__name__ = no_op.__qualname__ = name
+    return no_op
 
 
 class _NullStream:
@@ -255,6 +271,23 @@ _SIGNATURES: dict[Any, inspect.Signature] = {}
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
+def _outside_device_mapping(func: Any) -> Any:
+    """`func`, run with `_CudaToCpu` (and any torch function handling) off."""
+
+    @functools.wraps(func)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch._C.DisableTorchFunction():
+            return func(*args, **kwargs)
+
+    return run
+
+
+def device_mapping_active() -> bool:
+    """Whether torch calls made here go through `_CudaToCpu` (for tests of the fast path)."""
+    return torch._C._is_torch_function_mode_enabled() and any(
+        isinstance(mode, _CudaToCpu) for mode in torch.overrides._get_current_function_mode_stack())
+
+
 def keep_freed_memory() -> bool:
     """Keep freed tensor memory in the heap for reuse instead of returning it to the kernel.
 
@@ -278,18 +311,19 @@ def enable() -> None:
     if _enabled:
         return
     assert not torch.cuda.is_available(), "the CPU backend must not run on a CUDA host"
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mp_random
 
-    torch.cuda.current_device = lambda: 0
-    torch.cuda.synchronize = _no_op
-    torch.cuda.empty_cache = _no_op
+    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.synchronize = _no_op("synchronize")
+    torch.cuda.empty_cache = _no_op("empty_cache")
     torch.cuda.Stream = _NullStream
     torch.cuda.current_stream = _NullStream
     torch.cuda.default_stream = _NullStream
     torch.cuda.stream = _NullStream
-    torch.cuda.set_device = _no_op
-    torch.cuda.manual_seed = _no_op
-    torch.cuda.manual_seed_all = _no_op
+    torch.cuda.set_device = _no_op("set_device")
+    torch.cuda.manual_seed = _no_op("manual_seed")
+    torch.cuda.manual_seed_all = _no_op("manual_seed_all")
     torch.cuda.get_rng_state = torch.get_rng_state
     torch.cuda.set_rng_state = torch.set_rng_state
     mp_random._get_cuda_rng_state = _cpu_rng_state
@@ -298,6 +332,8 @@ def enable() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     _single_rank_shortcut()
+    schedules.forward_step = _outside_device_mapping(schedules.forward_step)
+    schedules.backward_step = _outside_device_mapping(schedules.backward_step)
     _mode = _CudaToCpu()
     _mode.__enter__()
     kept = keep_freed_memory()

@@ -74,6 +74,27 @@ SCRIPT = textwrap.dedent("""
     assert torch.equal(out, x * 2)
     param_and_grad_buffer.dist_all_gather_func(out, x, group=dist.group.WORLD, async_op=True).wait()
     assert torch.equal(out, x)
+    # the schedules' forward and backward steps run without the device mapping, the rest with it
+    from types import SimpleNamespace
+    from megatron.core.pipeline_parallel import schedules
+    from tensor_parallel.cpu_backend import device_mapping_active
+    assert device_mapping_active()
+    seen = []
+    class Model(torch.nn.Module):
+        def set_input_tensor(self, tensor):
+            pass
+    def forward_step_func(data, model):
+        seen.append(("forward", device_mapping_active()))
+        w = torch.ones(3, requires_grad=True, device=torch.cuda.current_device())
+        w.register_hook(lambda g: seen.append(("backward", device_mapping_active())))
+        return (w * 2).sum(), lambda out: (out, torch.tensor(1), {"loss": out.detach()})
+    config = SimpleNamespace(timers=None, enable_autocast=False, calculate_per_token_loss=False,
+                             grad_scale_func=None, deallocate_pipeline_outputs=False)
+    loss, _ = schedules.forward_step(forward_step_func, None, Model(), 1, None, [], config,
+                                     cp_group_size=1, is_last_stage=True)
+    schedules.backward_step(None, loss, None, None, config)
+    assert seen == [("forward", False), ("backward", False)], seen
+    assert device_mapping_active()
     runtime.shutdown()
     print("ok")
 """)
