@@ -85,9 +85,9 @@ def gpu_overrides(steps: int, te: bool) -> list[str]:
 
 def plan_peak_gib() -> float:
     """`kiln plan`'s estimate of the `--gpu` run's peak memory under Transformer Engine (llama-1b
-    on one GPU, bf16, the distributed optimizer, no recomputation). The plan's local backend is
-    megatron's own local spec, whose unfused attention keeps the s×s scores, not the SDPA path
-    the trainer runs without TE, so no estimate is given then."""
+    on one GPU, bf16, the distributed optimizer, no recomputation). Without TE no estimate is
+    given: the plan's `sdpa` backend models the local spec as it runs on CPU, and on a GPU
+    megatron's compiled SwiGLU replaces the CPU's fused one, which keeps different tensors."""
     from tensor_parallel.plan.memory import (
         GIB,
         NAMED_MODELS,

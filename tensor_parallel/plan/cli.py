@@ -94,8 +94,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--global-batch-size", type=int, default=512)
     parser.add_argument("--dtype", choices=["bf16", "fp8", "fp32"], default="bf16")
-    parser.add_argument("--backend", choices=["te", "local"], default="te",
-                        help="te: Transformer Engine kernels (GPU); local: megatron local spec (CPU)")
+    parser.add_argument("--backend", choices=["te", "sdpa", "local"], default="te",
+                        help="te: Transformer Engine kernels (GPU); sdpa: the trainer's local spec "
+                             "on CPU (SDPA attention, fused ops); local: megatron's own local spec "
+                             "(local_attention=megatron, local_fusions=false)")
     parser.add_argument("--reserve-gb", type=float, default=4.0,
                         help="GiB kept free for CUDA context, NCCL buffers and fragmentation")
     parser.add_argument("--top", type=int, default=25, help="rows to print (0: all)")

@@ -11,10 +11,13 @@ attention, SwiGLU, RMSNorm, no dropout, untied or tied embeddings, a padded voca
   Adam with an fp32 master copy and two fp32 moments (12 bytes, sharded over DP by the distributed
   optimizer, ZeRO-1). FP8 (Transformer Engine) adds a cached FP8 copy of each GEMM weight and its
   transpose, and stores GEMM inputs in FP8.
-- Activations are the tensors autograd keeps for backward, per micro-batch and layer, for two
-  kernel sets: `te` (Transformer Engine on GPU: flash attention, fused norms and SwiGLU) and `local`
-  (megatron's local spec, used on CPU: unfused attention with an s x s softmax, torch RMSNorm,
-  torch's CPU dropout).
+- Activations are the tensors autograd keeps for backward, per micro-batch and layer, for three
+  kernel sets: `te` (Transformer Engine on GPU: flash attention, fused norms and SwiGLU); `sdpa`
+  (the trainer's local spec as it runs on CPU by default: torch's SDPA, flash on CPU, and the
+  fused RMSNorm, SwiGLU and QKV-split + RoPE of `tensor_parallel/fused_ops.py`); and `local`
+  (megatron's own local spec, `model.local_attention: megatron` with `model.local_fusions:
+  false`: unfused attention with an s x s softmax, torch RMSNorm). Dropout is torch's CPU dropout
+  for both CPU sets.
   The in-flight micro-batches per stage follow megatron's 1F1B and interleaved schedules.
 - Not modelled: context parallelism, MoE, uneven pipeline splits, allocator fragmentation (the
   planner keeps a reserve for it and for the CUDA context and communication buffers).
@@ -29,7 +32,7 @@ from typing import Literal
 from kiln.errors import UsageError
 
 Dtype = Literal["fp32", "bf16", "fp8"]
-Backend = Literal["te", "local"]
+Backend = Literal["te", "sdpa", "local"]
 Recompute = Literal["none", "selective", "full"]
 RECOMPUTE_MODES: tuple[Recompute, ...] = ("none", "selective", "full")
 GIB = 1024**3
@@ -259,6 +262,21 @@ def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
         glu = 5 * f if model.gated_linear_unit else 2 * f  # fc1 out (2f), silu, x_linear, product
         split += e * sb * glu
         fixed = 4 * s * model.head_dim * e  # RoPE cos and sin for q and k, per layer
+    elif setup.backend == "sdpa":
+        replicated += 2 * _cpu_norm_bytes(model, e, sb)
+        if recompute == "selective":  # the checkpointed SDPA keeps only its inputs
+            split += e * sb * (hq + 2 * hkv)
+        elif model.attention_dropout > 0:
+            # torch's CPU SDPA has no dropout in its flash kernel: the math kernel runs, in fp32,
+            # keeping the scaled query, K and V repeated to every head, the softmax, the dropout
+            # mask and the dropped probabilities
+            split += 4 * sb * 3 * hq + 12 * a * s * s * b
+        else:  # flash: q, k and v (laid out [b, s] by the fused RoPE) and the log-sum-exp
+            split += e * sb * (hq + 2 * hkv) + 4 * a * sb
+        split += e * sb * hq  # attention output, the input of linear_proj
+        glu = 4 * f if model.gated_linear_unit else 2 * f  # fc1 out (2f), silu, product
+        split += e * sb * glu
+        fixed = 2 * s * model.head_dim * e  # RoPE cos and sin, shared by q and k
     else:
         # TE norms keep their input and fp32 statistics; their output feeds the next GEMM.
         replicated += 2 * ((e + gemm_in) * sb * h + _te_norm_stats(model, sb))
@@ -298,6 +316,14 @@ def _torch_norm_bytes(model: ModelShape, e: int, sb: int) -> int:
     return 2 * e * sb * h + 2 * e * sb
 
 
+def _cpu_norm_bytes(model: ModelShape, e: int, sb: int) -> int:
+    """The trainer's CPU norm: the fused fp32 RMSNorm keeps its input and 1/rms (its output is
+    kept by the GEMM it feeds); anything else is torch's norm."""
+    if model.normalization == "RMSNorm" and e == 4:
+        return 2 * e * sb * model.hidden_size + 4 * sb
+    return _torch_norm_bytes(model, e, sb)
+
+
 def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, stage: int,
                       recompute: Recompute) -> int:
     """Peak activation bytes on one GPU of `stage` under megatron's pipeline schedule."""
@@ -335,6 +361,8 @@ def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, s
         vocab = model.padded_vocab_size(t) // t
         if setup.backend == "local":
             norm = _torch_norm_bytes(model, e, s * b)
+        elif setup.backend == "sdpa":
+            norm = _cpu_norm_bytes(model, e, s * b)
         else:
             norm = 2 * e * s * b * h + _te_norm_stats(model, s * b)
         # fp32 softmax kept by the vocab-parallel cross entropy, plus its index bookkeeping.

@@ -56,6 +56,59 @@ def megatron_measurements() -> dict[tuple[str, str, str], dict]:
     return dict(zip(keys, json.loads(out.stdout.strip().splitlines()[-1]), strict=True))
 
 
+# The trainer's model (Llama-style only: RMSNorm, SwiGLU, no biases) as the CPU runs it by default.
+TRAINER_PROBE = Path(__file__).with_name("_ops_trainer_probe.py")
+TRAINER_TINY = {
+    "gqa": (ModelShape(2, 64, 176, 8, 2, 256, 128, make_vocab_size_divisible_by=1), 2),
+    "mha": (ModelShape(2, 64, 176, 8, 8, 256, 128, make_vocab_size_divisible_by=1), 2),
+    "dropout": (ModelShape(2, 64, 176, 8, 2, 256, 128, hidden_dropout=0.1, attention_dropout=0.1,
+                           make_vocab_size_divisible_by=1), 2),
+    "tied": (ModelShape(2, 64, 176, 8, 2, 256, 128, tie_embeddings=True,
+                        make_vocab_size_divisible_by=1), 3),
+}
+
+
+@pytest.fixture(scope="module")
+def trainer_measurements() -> dict[tuple[str, str, str], dict]:
+    """One subprocess builds each tiny model through `trainer.model.build_gpt_chunks` (SDPA,
+    fused ops, the CPU backend) and measures what its forward keeps for backward."""
+    cases, keys = [], []
+    for name, (shape, batch) in TRAINER_TINY.items():
+        for dtype in ("fp32", "bf16"):
+            for recompute in ("none", "selective", "full"):
+                overrides = [f"model.{key}={getattr(shape, key)}" for key in (
+                    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                    "num_query_groups", "hidden_dropout", "attention_dropout")]
+                cases.append({"overrides": [*overrides, f"model.tie_embeddings={shape.tie_embeddings}",
+                                            f"model.precision={dtype}", f"model.recompute={recompute}"],
+                              "micro_batch_size": batch, "seq_length": shape.seq_length,
+                              "vocab_size": shape.padded_vocab_size(1)})
+                keys.append((name, dtype, recompute))
+    out = subprocess.run([sys.executable, str(TRAINER_PROBE)], input=json.dumps(cases),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return dict(zip(keys, json.loads(out.stdout.strip().splitlines()[-1]), strict=True))
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(TRAINER_TINY))
+def test_sdpa_estimate_matches_the_trainers_saved_tensors(name, dtype, recompute,
+                                                          trainer_measurements):
+    # Exact without recomputation; within 1% with it (the checkpoint keeps a few bytes of
+    # bookkeeping), as for the local spec.
+    shape, batch = TRAINER_TINY[name]
+    measured = trainer_measurements[(name, dtype, recompute)]
+    assert count_parameters(shape) == measured["params"]
+    setup = TrainingSetup(shape.seq_length, batch, batch, dtype, "sdpa")
+    estimated = stage_activations(shape, SINGLE, setup, 0, recompute)
+    if recompute == "full":
+        estimated -= layer_activations(shape, SINGLE, setup, "none")
+    assert estimated == pytest.approx(measured["activation_bytes"], rel=0.01)
+    if recompute == "none":
+        assert estimated == measured["activation_bytes"]
+
+
 def test_named_models_have_the_published_parameter_counts():
     # Hugging Face model cards / safetensors totals of Llama 3.2 1B, 3.1 8B and 3.1 70B.
     assert count_parameters(NAMED_MODELS["llama-1b"]) == 1_235_814_400
@@ -158,7 +211,7 @@ def test_tied_embeddings_are_copied_to_the_last_stage_only_with_pipelining():
 def test_recomputation_and_sequence_parallel_reduce_activations():
     model = NAMED_MODELS["llama-8b"]
     setup = TrainingSetup(8192, 1, 64)
-    for backend in ("te", "local"):
+    for backend in ("te", "sdpa", "local"):
         setup = dataclasses.replace(setup, backend=backend)
         est = estimate_memory(model, Layout(4, 1, 2), setup)
         assert est.activations("full") < est.activations("selective") <= est.activations("none")

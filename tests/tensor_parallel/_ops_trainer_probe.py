@@ -1,0 +1,63 @@
+"""Measure the trainer's own model on CPU (`trainer.model.build_gpt_chunks`: the local spec with
+SDPA attention and the fused ops, under the CPU backend): tensors saved for backward.
+
+Run as a script (its own process: the CPU backend changes process-wide torch state). Reads a JSON
+list of {"overrides": [...], "micro_batch_size": b, "seq_length": s, "vocab_size": v} on stdin and
+prints one JSON list of {"params", "activation_bytes"}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from kiln.log import setup_logging  # noqa: E402
+from tensor_parallel import runtime  # noqa: E402
+from trainer.config import load_run_config  # noqa: E402
+from trainer.model import build_gpt_chunks  # noqa: E402
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "..", "trainer", "configs", "tiny-pretrain.yaml")
+
+
+def measure(case: dict) -> dict:
+    cfg = load_run_config(TINY, [*case["overrides"], f"train.seq_length={case['seq_length']}"])
+    [model] = build_gpt_chunks(cfg, case["vocab_size"])
+    if cfg.model.precision == "bf16":
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(model.config, model)
+    s, b = case["seq_length"], case["micro_batch_size"]
+    ids = torch.randint(0, case["vocab_size"], (b, s))
+    positions = torch.arange(s).expand(b, s)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:  # weights are not activations
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, position_ids=positions, attention_mask=None, labels=ids)
+    loss.float().sum().backward()  # the graph is a real one
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "activation_bytes": sum(saved.values())}
+
+
+def main() -> None:
+    setup_logging("WARNING")
+    runtime.init(tp=1, seed=1)
+    try:
+        print(json.dumps([measure(case) for case in json.load(sys.stdin)]))
+    finally:
+        runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()
