@@ -34,6 +34,23 @@ def _cpu_megatron() -> None:
     parallel_state.initialize_model_parallel(1, 1)
 
 
+def saved_for_backward(model: torch.nn.Module, forward) -> tuple[torch.Tensor, int]:
+    """`forward()`'s output and the bytes of the distinct storages autograd saved for its
+    backward, the model's weights excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:  # weights are not activations
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = forward()
+    return output, sum(saved.values())
+
+
 def measure(cfg: dict) -> dict:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -70,18 +87,8 @@ def measure(cfg: dict) -> dict:
     ids = torch.randint(0, cfg["vocab_size"], (b, s))
     position_ids = torch.arange(s).expand(b, s)
     causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages:  # weights are not activations
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = wrapped(ids, position_ids, causal, labels=ids)
-    result["activation_bytes"] = sum(saved.values())
+    loss, result["activation_bytes"] = saved_for_backward(
+        model, lambda: wrapped(ids, position_ids, causal, labels=ids))
 
     if not bf16 and not recompute:  # fp32 training state with torch Adam: weights, grads and both moments
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

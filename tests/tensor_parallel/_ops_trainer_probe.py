@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from kiln.log import setup_logging  # noqa: E402
 from tensor_parallel import runtime  # noqa: E402
+from tests.tensor_parallel._ops_megatron_probe import saved_for_backward  # noqa: E402
 from trainer.config import load_run_config  # noqa: E402
 from trainer.model import build_gpt_chunks  # noqa: E402
 
@@ -34,20 +35,11 @@ def measure(case: dict) -> dict:
     s, b = case["seq_length"], case["micro_batch_size"]
     ids = torch.randint(0, case["vocab_size"], (b, s))
     positions = torch.arange(s).expand(b, s)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:  # weights are not activations
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, position_ids=positions, attention_mask=None, labels=ids)
+    loss, activation_bytes = saved_for_backward(model, lambda: model(
+        input_ids=ids, position_ids=positions, attention_mask=None, labels=ids))
     loss.float().sum().backward()  # the graph is a real one
     return {"params": sum(p.numel() for p in model.parameters()),
-            "activation_bytes": sum(saved.values())}
+            "activation_bytes": activation_bytes}
 
 
 def main() -> None:

@@ -95,18 +95,24 @@ def trainer_measurements() -> dict[tuple[str, str, str], dict]:
 @pytest.mark.parametrize("name", list(TRAINER_TINY))
 def test_sdpa_estimate_matches_the_trainers_saved_tensors(name, dtype, recompute,
                                                           trainer_measurements):
-    # Exact without recomputation; within 1% with it (the checkpoint keeps a few bytes of
-    # bookkeeping), as for the local spec.
     shape, batch = TRAINER_TINY[name]
     measured = trainer_measurements[(name, dtype, recompute)]
     assert count_parameters(shape) == measured["params"]
-    setup = TrainingSetup(shape.seq_length, batch, batch, dtype, "sdpa")
+    assert_activations_match(shape, batch, dtype, "sdpa", recompute, measured["activation_bytes"])
+
+
+def assert_activations_match(shape: ModelShape, batch: int, dtype: str, backend: str,
+                             recompute: str, measured: int) -> None:
+    """Exact without recomputation, within 1% with it. Under full recomputation what is kept
+    between forward and backward is measured; the estimate adds one layer recomputed in full
+    during backward, which is not kept."""
+    setup = TrainingSetup(shape.seq_length, batch, batch, dtype, backend)
     estimated = stage_activations(shape, SINGLE, setup, 0, recompute)
     if recompute == "full":
         estimated -= layer_activations(shape, SINGLE, setup, "none")
-    assert estimated == pytest.approx(measured["activation_bytes"], rel=0.01)
+    assert estimated == pytest.approx(measured, rel=0.01)
     if recompute == "none":
-        assert estimated == measured["activation_bytes"]
+        assert estimated == measured
 
 
 def test_named_models_have_the_published_parameter_counts():
@@ -138,18 +144,9 @@ def test_fp32_training_state_bytes_equal_measured(name, megatron_measurements):
 @pytest.mark.parametrize("name", list(TINY))
 def test_activation_estimate_matches_tensors_saved_for_backward(name, dtype, recompute,
                                                                 megatron_measurements):
-    # Stated tolerance 1% (without recomputation the local-spec count is exact on these models).
-    # Under full recomputation what is kept between forward and backward is measured; the
-    # estimate adds one layer recomputed in full during backward, which is not kept.
     shape, batch = TINY[name]
-    setup = TrainingSetup(shape.seq_length, batch, batch, dtype, "local")
-    estimated = stage_activations(shape, SINGLE, setup, 0, recompute)
-    if recompute == "full":
-        estimated -= layer_activations(shape, SINGLE, setup, "none")
-    measured = megatron_measurements[(name, dtype, recompute)]["activation_bytes"]
-    assert estimated == pytest.approx(measured, rel=0.01)
-    if recompute == "none":
-        assert estimated == measured
+    assert_activations_match(shape, batch, dtype, "local", recompute,
+                             megatron_measurements[(name, dtype, recompute)]["activation_bytes"])
 
 
 @pytest.mark.parametrize("tp", [1, 2, 8])
