@@ -29,12 +29,14 @@ class StepProfiler:
         self.active = steps is not None and rank in ranks
         self.dir, self.rank, self.on_gpu = os.path.join(run_dir, "profile"), rank, on_gpu
         self._prof: profile | None = None
+        self._started = 0
 
     def before(self, step: int) -> None:
         if self.active and self._prof is None and self.first <= step <= self.last:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.on_gpu else [])
             self._prof = profile(activities=activities, profile_memory=True)
             self._prof.__enter__()
+            self._started = step  # after a resume inside the window, later than `first`
 
     def after(self, step: int) -> None:
         if self._prof is None or step < self.last:
@@ -46,8 +48,8 @@ class StepProfiler:
         sort = "self_cuda_time_total" if self.on_gpu else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=TOP_OPS)
         write_text(os.path.join(self.dir, f"ops-rank{self.rank}.txt"),
-                   f"steps {self.first}-{step}, rank {self.rank}\n{table}\n")
-        log.info("profile of steps %d-%d written to %s", self.first, step, self.dir)
+                   f"steps {self._started}-{step}, rank {self.rank}\n{table}\n")
+        log.info("profile of steps %d-%d written to %s", self._started, step, self.dir)
 
     def close(self) -> None:
         """Stop a window the run ended inside (its last step is past train.steps), unwritten."""
