@@ -90,3 +90,14 @@ def test_profile_steps_write_a_trace_and_an_op_table(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "off" / "profile").exists()
     assert [r["loss"] for r in metrics(tmp_path / "off")] == [r["loss"] for r in metrics(tmp_path / "on")]
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_runs_and_ends_with_its_json_line() -> None:
+    """`bench/train_step.py` end to end, shrunk (no timing is asserted: the machine is shared)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--rounds", "1",
+                           "--steps", "6"], cwd=ROOT, env=child_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["ours_tokens_per_s"] > 0 and last["hf_tokens_per_s"] > 0 and last["goal"] == 1.0
