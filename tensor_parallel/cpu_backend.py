@@ -26,7 +26,9 @@ dispatch (~1.3 µs; on the benchmark model ~2,100 calls, ~1.2% of a step). Megat
 the model's forward and backward in `schedules.forward_step` / `backward_step`; the code under them
 (layers, attention, the TP/SP collectives, the DDP hooks) allocates only on
 `torch.cuda.current_device()`, which is the CPU without the mode, so those two run with the mode
-off. Set-up, the optimizer, checkpointing, pipeline send/recv and generation keep it.
+off, and the one function under them that names CUDA (the RoPE table's context-parallel slice)
+turns it back on (`_with_device_mapping`). Set-up, the optimizer, checkpointing, pipeline
+send/recv and generation keep it.
 
 `enable()` is called once by `tensor_parallel.runtime` and only when `torch.cuda.is_available()`
 is False; nothing here runs on a GPU host.
@@ -282,6 +284,17 @@ def _outside_device_mapping(func: Any) -> Any:
     return run
 
 
+def _with_device_mapping(func: Any) -> Any:
+    """`func`, run with `_CudaToCpu` back on inside `_outside_device_mapping`'s region."""
+
+    @functools.wraps(func)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch._C._EnableTorchFunction():
+            return func(*args, **kwargs)
+
+    return run
+
+
 def device_mapping_active() -> bool:
     """Whether torch calls made here go through `_CudaToCpu` (for tests of the fast path)."""
     return torch._C._is_torch_function_mode_enabled() and any(
@@ -334,6 +347,14 @@ def enable() -> None:
     _single_rank_shortcut()
     schedules.forward_step = _outside_device_mapping(schedules.forward_step)
     schedules.backward_step = _outside_device_mapping(schedules.backward_step)
+    # what runs under those two and still names CUDA: the RoPE table's context-parallel slice
+    # (a pinned index tensor moved with `.cuda()`)
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+    from megatron.core.models.common.embeddings import yarn_rotary_pos_embedding as yarn
+
+    cp_slice = _with_device_mapping(rope_utils.get_pos_emb_on_this_cp_rank)
+    for module in (rope_utils, rotary_pos_embedding, yarn):
+        module.get_pos_emb_on_this_cp_rank = cp_slice
     _mode = _CudaToCpu()
     _mode.__enter__()
     kept = keep_freed_memory()

@@ -153,6 +153,10 @@ def dp_rank() -> int:
     return ps.get_data_parallel_rank()
 
 
+def cp_rank() -> int:
+    return ps.get_context_parallel_rank()
+
+
 def dp_size() -> int:
     return ps.get_data_parallel_world_size()
 

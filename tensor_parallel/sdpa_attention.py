@@ -12,7 +12,11 @@ reads the K/V groups in place (`enable_gqa`). Same inputs, outputs and semantics
   before the softmax, so a fully masked query row (left padding in generation) stays finite;
 - packed sequences (`PackedSeqParams`, THD: query `[t, np, hn]` -> `[t, np·hn]`), which megatron
   only runs through Transformer Engine: causal attention within each `cu_seqlens` segment. The
-  packed SFT path then runs, and is tested, on CPU exactly as it runs under TE on GPU.
+  packed SFT path then runs, and is tested, on CPU exactly as it runs under TE on GPU;
+- context parallelism, which megatron also only runs through TE: each CP rank holds two of the
+  sequence's 2·cp chunks (chunk r and 2·cp-1-r, megatron's load-balanced split,
+  `get_batch_on_this_cp_rank`), gathers K and V from the CP group (TE's `all_gather` comm type;
+  the backward reduce-scatters their gradients) and attends with its queries' global positions.
 
 Anything else (learnable/off-by-one softmax, sliding windows, query-key layer scaling,
 chunked causal prefill) goes to
@@ -25,7 +29,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -39,16 +43,31 @@ class SdpaDotProductAttention(DotProductAttention):
     """megatron's `DotProductAttention` contract on `scaled_dot_product_attention`."""
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, *args, **kwargs):
-        super().__init__(config, layer_number, attn_mask_type, attention_type, *args, **kwargs)
+        # megatron's class refuses context parallelism (its own attention has no CP path); this
+        # one has, so its parent is built as for CP=1
+        cp, config.context_parallel_size = config.context_parallel_size, 1
+        try:
+            super().__init__(config, layer_number, attn_mask_type, attention_type, *args, **kwargs)
+        finally:
+            config.context_parallel_size = cp
         self._fused = (config.softmax_type == "vanilla" and not config.apply_query_key_layer_scaling
                        and not is_layer_window_attention(config.window_size,
                                                          config.window_attn_skip_freq,
                                                          max(1, layer_number)))
+        self.cp_group = parallel_state.get_context_parallel_group() if cp > 1 else None
+        if self.cp_group is not None and not self._fused:
+            raise ValueError("context parallelism on the local spec needs plain softmax attention "
+                             "(no sliding window, learnable softmax or query-key layer scaling)")
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
                 attention_bias: torch.Tensor | None = None,
                 packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+        if self.cp_group is not None:
+            if packed_seq_params is not None or attention_bias is not None:
+                raise ValueError("context parallelism with packed sequences (THD) or an attention "
+                                 "bias needs Transformer Engine")
+            return self._context_parallel(query, key, value, attention_mask)
         if packed_seq_params is not None:
             return self._packed(query, key, value, packed_seq_params)
         sq, sk = query.shape[0], key.shape[0]
@@ -79,6 +98,32 @@ class SdpaDotProductAttention(DotProductAttention):
         context = self._attend(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1),
                                masked.view(1, 1, t_q, t_kv), causal=False)
         return context.view(t_q, -1)
+
+    def _context_parallel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Local queries `[s/cp, b, np, hn]` against the whole sequence's keys and values."""
+        cp, rank = self.cp_group.size(), self.cp_group.rank()
+        local = query.shape[0]
+        chunk = local // 2
+        # rank j holds global chunks j and 2cp-1-j: the gathered rows, reordered to positions
+        chunks = torch.tensor([c for j in range(cp) for c in (j, 2 * cp - 1 - j)])
+        order = torch.argsort(chunks)
+        rows = (order[:, None] * chunk + torch.arange(chunk)).flatten().to(key.device)
+
+        def gathered(t: torch.Tensor) -> torch.Tensor:
+            full = tensor_parallel.gather_from_sequence_parallel_region(
+                t.contiguous(), tensor_parallel_output_grad=True, group=self.cp_group)
+            return full.index_select(0, rows)
+
+        key, value = gathered(key), gathered(value)
+        if attention_mask is None:  # causal over global positions
+            mine = torch.cat([torch.arange(chunk) + rank * chunk,
+                              torch.arange(chunk) + (2 * cp - 1 - rank) * chunk])
+            positions = torch.arange(cp * local)
+            attention_mask = (positions[None, :] > mine[:, None]).to(query.device)[None, None]
+        # an explicit mask already holds these queries' rows over every key
+        # (`get_batch_on_this_cp_rank` splits masks along the query dimension only)
+        return self._attend(query, key, value, attention_mask, causal=False)
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:

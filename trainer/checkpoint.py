@@ -83,10 +83,14 @@ def _layout_key() -> list[int]:
 
 
 def _rng_object() -> ShardedObject:
+    """This rank's RNG streams, one object per (pp, tp, [cp,] dp) rank (the cp axis only when
+    there is one, so checkpoints of runs without CP keep their keys)."""
     layout = runtime.layout()
-    return ShardedObject("rng_state", runtime.rng_state(), (layout.pp, layout.tp, layout.dp),
-                         (ps.get_pipeline_model_parallel_rank(), runtime.tp_rank(),
-                          runtime.dp_rank()), replica_id=0)
+    shape = (layout.pp, layout.tp, layout.dp)
+    ranks = (ps.get_pipeline_model_parallel_rank(), runtime.tp_rank(), runtime.dp_rank())
+    if layout.cp > 1:
+        shape, ranks = (*shape[:2], layout.cp, shape[2]), (*ranks[:2], runtime.cp_rank(), ranks[2])
+    return ShardedObject("rng_state", runtime.rng_state(), shape, ranks, replica_id=0)
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

@@ -29,7 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from kiln.errors import UsageError
+from kiln.errors import ConfigError, UsageError
 from kiln.log import get_logger
 from kiln.paths import write_text
 from kiln.progress import counter
@@ -60,11 +60,18 @@ class BadStepsError(UsageError):
 
 
 def _on_device(batch: Batch) -> Batch:
-    """The micro-batch on this rank's device, cut to this context-parallel rank's chunks."""
+    """The micro-batch on this rank's device, cut to this context-parallel rank's chunks (the
+    per-token tensors `[b, s, ...]` and the attention mask's query rows; per-sample ones such as
+    `index` stay whole)."""
     device = runtime.device()
     batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
              for k, v in batch.items()}
-    return get_batch_on_this_cp_rank(batch) if runtime.layout().cp > 1 else batch
+    if runtime.layout().cp == 1:
+        return batch
+    seq = batch["tokens"].shape[1]
+    per_token = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and (
+        k == "attention_mask" or (v.dim() >= 2 and v.shape[1] == seq))}
+    return batch | get_batch_on_this_cp_rank(per_token)
 
 
 def forward_only(model: list[torch.nn.Module], batches: Callable[[], Iterator[Batch]],
@@ -199,6 +206,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
                                    micro_batch_size=cfg.train.micro_batch_size)
     check_model_config(cfg)
     stage = stage_class(cfg.stage)(cfg)
+    if layout.cp > 1 and not stage.context_parallel:
+        raise ConfigError("parallel.cp", f"stage {cfg.stage} scores whole sequences, which "
+                          "context parallelism would split over ranks: use parallel.cp=1")
     stage.setup()
     vocab = padded_vocab_size(stage.vocab_size(), m.make_vocab_size_divisible_by, layout.tp)
     chunks = stage.build_model(vocab)

@@ -57,9 +57,10 @@ def check_model_config(cfg: RunConfig) -> None:
     if m.fp8 is not None and m.transformer_impl != "transformer_engine":
         raise ConfigError("model.fp8", "FP8 needs model.transformer_impl=transformer_engine "
                           "(Transformer Engine on a Hopper/Blackwell GPU)")
-    if cfg.parallel.cp > 1 and m.transformer_impl != "transformer_engine":
+    if cfg.parallel.cp > 1 and m.transformer_impl != "transformer_engine" and \
+            m.local_attention != "sdpa":
         raise ConfigError("parallel.cp", "context parallelism needs Transformer Engine attention "
-                          "(model.transformer_impl=transformer_engine)")
+                          "or the local spec's SDPA attention (model.local_attention=sdpa)")
     if m.precision == "bf16" and not runtime.on_gpu():
         log.warning("model.precision=bf16 on CPU: the GPU's mixed-precision path (bf16 weights, "
                     "fp32 main parameters and gradients) runs for checking; fp32 is the CPU's "

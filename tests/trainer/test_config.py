@@ -74,7 +74,7 @@ def test_cluster_configs_split_their_cluster(name: str, world: int) -> None:
 @pytest.mark.parametrize("overrides, key", [
     (["model.fp8=delayed"], "model.fp8"),
     (["model.transformer_impl=transformer_engine"], "model.transformer_impl"),
-    (["parallel.cp=2"], "parallel.cp"),
+    (["parallel.cp=2", "model.local_attention=megatron"], "parallel.cp"),
 ])
 def test_gpu_only_features_fail_at_startup_on_cpu(tiny_config: str, overrides: list[str],
                                                   key: str) -> None:

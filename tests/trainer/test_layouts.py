@@ -12,7 +12,7 @@ from tests.trainer.conftest import losses, run_layouts, val_loss
 pytestmark = pytest.mark.slow
 
 STEPS = ["train.steps=5", "train.log_every=1", "train.eval_every=0", "checkpoint.save=false"]
-SAVE = "checkpoint.save=true"  # tp2 and pp2 checkpoints are reloaded at TP=1/PP=1 below
+SAVE = "checkpoint.save=true"  # tp2, pp2 and cp2 checkpoints are reloaded on one process below
 FOUR_LAYERS = "model.num_layers=4"
 TIED = "model.tie_embeddings=true"
 OVERLAP = ["parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
@@ -32,6 +32,11 @@ LAYOUTS = {
     "dp2_overlap": (2, "ref2", OVERLAP),
     "pp2_tied_embeddings": (2, "ref2_tied", ["parallel.pp=2", TIED]),
     "tp2_pp2": (4, "ref4", ["parallel.tp=2", "parallel.pp=2", FOUR_LAYERS]),
+    # context parallelism on the local spec (SDPA with K/V gathered over the CP group)
+    "cp2": (2, "ref2", ["parallel.cp=2", SAVE]),
+    "tp2_cp2": (4, "ref2", ["parallel.tp=2", "parallel.cp=2"]),
+    "cp2_dp2_distributed_optimizer": (4, "ref2", ["parallel.cp=2",
+                                                  "parallel.distributed_optimizer=true"]),
 }
 # The GPU's mixed-precision path (Float16Module, fp32 main params and grads), run on CPU: bf16
 # rounding differs with the TP split, so these compare within bf16 tolerance
@@ -79,11 +84,13 @@ def test_losses_differ_between_models(runs: Path) -> None:
 
 
 def test_checkpoints_load_under_another_layout(runs: Path) -> None:
-    """TP=2 and PP=2 checkpoints evaluated at TP=1, PP=1 give the validation loss they had."""
+    """TP=2, PP=2 and CP=2 checkpoints evaluated on one process give the validation loss they
+    had."""
+    saved = ("tp2", "pp2_1f1b", "cp2")
     evals = {f"from_{name}": [f"init.checkpoint={runs / name / 'checkpoints'}", "train.steps=0",
                               "checkpoint.save=false"]
-             for name in ("tp2", "pp2_1f1b")}
+             for name in saved}
     run_layouts(runs, evals)
-    for name in ("tp2", "pp2_1f1b"):
+    for name in saved:
         got = json.loads((runs / f"from_{name}" / "eval.json").read_text())["val_loss"]
         assert got == pytest.approx(val_loss(runs / name), abs=1e-5, rel=0)

@@ -1,7 +1,9 @@
 """sft, rm and dpo under TP=2 and PP=2 train to the single-process losses and metrics; dpo and kto
 under DP=2 too (reference log-probs gathered over DP, KTO's KL reference point averaged over DP);
 the online reference (dpo at TP=2, PP=2 and PP=2 × VPP=2, kto at DP=2) matches its single-process
-run; a reward model at PP=2 starts from an SFT checkpoint saved at TP=2, its new head initialised."""
+run; a reward model at PP=2 starts from an SFT checkpoint saved at TP=2, its new head initialised;
+sft on plain and packed (block-masked) rows under context parallelism (CP=2) matches too, and the
+stages that score whole sequences refuse CP."""
 
 from __future__ import annotations
 
@@ -18,18 +20,19 @@ pytestmark = pytest.mark.slow
 STEPS = ["train.steps=3", "train.log_every=1", "train.eval_every=0", "checkpoint.save=false"]
 STAGES = ("sft", "rm", "dpo")
 LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": [],  # dp2: 2 ranks, no MP
-           "vpp2": ["parallel.pp=2", "parallel.vpp=2"]}
+           "vpp2": ["parallel.pp=2", "parallel.vpp=2"], "cp2": ["parallel.cp=2"]}
+PACKED = [f"data.manifests=[{DATA / 'sample-sft-packed'}]"]  # sft on packed rows (block masks)
 # `<stage>_online`: the stage with its reference model run online (a frozen copy, every step);
 # `_deep`: 4 layers, one per virtual pipeline stage under PP=2 × VPP=2
 ONLINE = {"dpo_online": ["dpo.reference=online"], "kto_online": ["kto.reference=online"],
           "dpo_online_deep": ["dpo.reference=online", "model.num_layers=4"]}
 RUNS = ([(s, lay) for s in STAGES for lay in ("tp2", "pp2")] + [("dpo", "dp2"), ("kto", "dp2")]
         + [("dpo_online", "tp2"), ("dpo_online", "pp2"), ("dpo_online_deep", "vpp2"),
-           ("kto_online", "dp2")])
+           ("kto_online", "dp2")] + [("sft", "cp2"), ("sft_packed", "cp2")])
 COMPARED = {"sft": ["loss"], "rm": ["loss", "reward_accuracy", "reward_margin"],
             "dpo": ["loss", "reward_chosen", "reward_rejected", "reward_margin"],
             "kto": ["loss", "kl", "reward_margin"]}
-COMPARED |= {name: COMPARED[name.split("_")[0]] for name in ONLINE}
+COMPARED |= {name: COMPARED[name.split("_")[0]] for name in [*ONLINE, "sft_packed"]}
 # KTO's z₀ is a mean over one micro-batch of every DP rank: one process with one micro-batch of 8
 # sees what two ranks with 4 each see
 KTO_ONE_MICRO_BATCH = ["train.micro_batch_size=8"]
@@ -37,14 +40,15 @@ KTO_ONE_MICRO_BATCH = ["train.micro_batch_size=8"]
 
 def run(name: str, *overrides: str) -> list[str]:
     """The config and overrides of the run `name` (a stage, or one of `ONLINE`)."""
-    return [config(name.split("_")[0]), *STEPS, *ONLINE.get(name, []), *overrides]
+    return [config(name.split("_")[0]), *STEPS, *ONLINE.get(name, []),
+            *(PACKED if name == "sft_packed" else []), *overrides]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("post_layouts")
     run_trainings(out, {s: run(s) for s in (*STAGES, "dpo_online", "dpo_online_deep")}
-                  | {"sft_packed": run("sft", f"data.manifests=[{DATA / 'sample-sft-packed'}]"),
+                  | {"sft_packed": run("sft_packed"),
                      "kto": run("kto", *KTO_ONE_MICRO_BATCH),
                      "kto_online": run("kto_online", *KTO_ONE_MICRO_BATCH)})
     two = {f"{s}_{lay}": run(s, *LAYOUTS[lay]) for s, lay in RUNS}
@@ -75,3 +79,12 @@ def test_reward_model_starts_from_an_sft_checkpoint(runs: Path) -> None:
     fresh, tuned = metrics(runs / "rm"), metrics(runs / "rm_from_sft")
     assert len(tuned) == 3 and "val_reward_accuracy" in tuned[-1]
     assert tuned[0]["loss"] != pytest.approx(fresh[0]["loss"], abs=1e-4)
+
+
+def test_sequence_level_stages_refuse_context_parallelism() -> None:
+    from trainer.stages import stage_class
+
+    assert {name: stage_class(name).context_parallel for name in (
+        "pretrain", "sft", "rm", "dpo", "orpo", "simpo", "kto", "ppo", "grpo")} == {
+        "pretrain": True, "sft": True, "rm": False, "dpo": False, "orpo": False,
+        "simpo": False, "kto": False, "ppo": False, "grpo": False}

@@ -39,6 +39,10 @@ class Stage:
     # Parameter-name components an `init.checkpoint` may lack (a new head on a pretrained
     # backbone, e.g. "reward_head."): they keep their initialisation instead of failing the load.
     new_weights: ClassVar[tuple[str, ...]] = ()
+    # Context parallelism splits every sequence over the CP ranks: right for losses summed per
+    # token (the loop normalises by tokens over DP x CP), wrong for losses of whole sequences
+    # (preference pairs, rewards, sampled completions), which stay at parallel.cp=1.
+    context_parallel: ClassVar[bool] = False
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

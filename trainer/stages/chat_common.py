@@ -115,8 +115,11 @@ class ChatStage(Stage):
         return self.cfg.model.vocab_size or int(self.data.manifest.tokenizer["vocab_size"])
 
     def seq_len(self) -> int | None:
-        """Fixed length under pipeline parallelism (p2p buffers have one shape), else dynamic."""
-        return self.cfg.train.seq_length if runtime.layout().pp > 1 else None
+        """Fixed length under pipeline parallelism (p2p buffers have one shape) and context
+        parallelism (the length splits into 2·cp chunks; train.seq_length is checked for that),
+        else dynamic."""
+        layout = runtime.layout()
+        return self.cfg.train.seq_length if layout.pp > 1 or layout.cp > 1 else None
 
     def collate(self, indices: np.ndarray) -> ArrayBatch:
         raise NotImplementedError

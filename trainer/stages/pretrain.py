@@ -13,6 +13,7 @@ from trainer.stages import Batch, Stage
 
 class PretrainStage(Stage):
     name = "pretrain"
+    context_parallel = True
 
     def setup(self) -> None:
         cfg = self.cfg
