@@ -49,9 +49,9 @@ class SftStage(ChatStage):
                               "model.local_attention=sdpa")
         self.cu_seqlens = self.packed and (mode == "thd" or (mode == "auto" and te))
         if self.cu_seqlens and self.cfg.parallel.cp > 1:
-            raise ConfigError("parallel.cp", "packed rows as cu_seqlens (THD) with context "
-                              "parallelism need Transformer Engine's THD split: use parallel.cp=1 "
-                              "or sft.packed_attention=mask")
+            raise ConfigError("parallel.cp", "packed rows as cu_seqlens (THD) are not split over "
+                              "context-parallel ranks: use parallel.cp=1 (or, on the local spec, "
+                              "sft.packed_attention=mask)")
         if self.cu_seqlens and self.cfg.train.micro_batch_size != 1:
             raise ConfigError("train.micro_batch_size", "packed rows as cu_seqlens (THD) take "
                               "micro_batch_size=1 (one packed row per micro-batch)")
