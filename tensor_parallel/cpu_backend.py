@@ -273,26 +273,25 @@ _SIGNATURES: dict[Any, inspect.Signature] = {}
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
-def _outside_device_mapping(func: Any) -> Any:
-    """`func`, run with `_CudaToCpu` (and any torch function handling) off."""
+def _run_under(context: Any, func: Any) -> Any:
+    """`func`, each call run inside a fresh `context()`."""
 
     @functools.wraps(func)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch._C.DisableTorchFunction():
+        with context():
             return func(*args, **kwargs)
 
     return run
+
+
+def _outside_device_mapping(func: Any) -> Any:
+    """`func`, run with `_CudaToCpu` (and any torch function handling) off."""
+    return _run_under(torch._C.DisableTorchFunction, func)
 
 
 def _with_device_mapping(func: Any) -> Any:
     """`func`, run with `_CudaToCpu` back on inside `_outside_device_mapping`'s region."""
-
-    @functools.wraps(func)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with torch._C._EnableTorchFunction():
-            return func(*args, **kwargs)
-
-    return run
+    return _run_under(torch._C._EnableTorchFunction, func)
 
 
 def device_mapping_active() -> bool:
