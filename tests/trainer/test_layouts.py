@@ -34,7 +34,8 @@ LAYOUTS = {
     "tp2_pp2": (4, "ref4", ["parallel.tp=2", "parallel.pp=2", FOUR_LAYERS]),
     # context parallelism on the local spec (SDPA with K/V gathered over the CP group)
     "cp2": (2, "ref2", ["parallel.cp=2", SAVE]),
-    "tp2_cp2": (4, "ref2", ["parallel.tp=2", "parallel.cp=2"]),
+    "tp2_sequence_parallel_cp2": (4, "ref2", ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                              "parallel.cp=2"]),
     "cp2_dp2_distributed_optimizer": (4, "ref2", ["parallel.cp=2",
                                                   "parallel.distributed_optimizer=true"]),
 }
