@@ -114,6 +114,8 @@ RESHARDS = {
     "plain_tp1_to_pp2": (1, [PLAIN], 2, ["parallel.pp=2", PLAIN], "ref"),
     "plain_vpp2_to_pp1": (2, ["parallel.pp=2", "parallel.vpp=2", FOUR, PLAIN], 1, [FOUR, PLAIN],
                           "ref4"),
+    "cp2_to_cp2": (2, ["parallel.cp=2"], 2, ["parallel.cp=2"], "ref"),  # RNG keyed by CP rank
+    "cp2_to_cp1": (2, ["parallel.cp=2"], 1, [], "ref"),
     "switch_optimizer": (1, [], 1, [PLAIN], "ref"),  # the one case where moments restart
 }
 
