@@ -28,6 +28,7 @@ megatron's own implementation.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,35 @@ from megatron.core.transformer.utils import is_layer_window_attention
 
 # what megatron's `attention_mask_func` writes into masked scores
 _MASKED_SCORE = -10000.0
+
+
+# The last boolean mask converted, and its additive form: every layer of a forward gets the same
+# mask, so it is converted once and saved for backward once, not once per layer.
+_last_mask: tuple[torch.Tensor, int, torch.dtype, torch.Tensor] | None = None
+
+
+def _additive_mask(masked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`masked` (True = masked out) as scores to add: 0, or megatron's -10000."""
+    global _last_mask
+    if _last_mask is not None:
+        source, version, kind, additive = _last_mask
+        if source is masked and version == masked._version and kind == dtype:
+            return additive
+    additive = torch.zeros(masked.shape, dtype=dtype, device=masked.device)
+    additive.masked_fill_(masked, _MASKED_SCORE)
+    _last_mask = (masked, masked._version, dtype, additive)
+    return additive
+
+
+@functools.lru_cache(maxsize=4)
+def _cp_causal_mask(cp: int, rank: int, local: int, device: torch.device) -> torch.Tensor:
+    """`[1, 1, s/cp, s]`, True where a key is after the query: this CP rank's queries (chunks
+    `rank` and `2cp-1-rank` of `2cp`) against every position. One tensor for every layer."""
+    chunk = local // 2
+    mine = torch.cat([torch.arange(chunk) + rank * chunk,
+                      torch.arange(chunk) + (2 * cp - 1 - rank) * chunk])
+    positions = torch.arange(cp * local)
+    return (positions[None, :] > mine[:, None]).to(device)[None, None]
 
 
 class SdpaDotProductAttention(DotProductAttention):
@@ -119,10 +149,7 @@ class SdpaDotProductAttention(DotProductAttention):
 
         key, value = gathered(key), gathered(value)
         if attention_mask is None:  # causal over global positions
-            mine = torch.cat([torch.arange(chunk) + rank * chunk,
-                              torch.arange(chunk) + (2 * cp - 1 - rank) * chunk])
-            positions = torch.arange(cp * local)
-            attention_mask = (positions[None, :] > mine[:, None]).to(query.device)[None, None]
+            attention_mask = _cp_causal_mask(cp, rank, local, query.device)
         # an explicit mask already holds these queries' rows over every key
         # (`get_batch_on_this_cp_rank` splits masks along the query dimension only)
         return self._attend(query, key, value, attention_mask, causal=False)
@@ -132,8 +159,7 @@ class SdpaDotProductAttention(DotProductAttention):
         sq = query.shape[0]
         mask = None
         if attention_mask is not None:
-            mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
-            mask.masked_fill_(attention_mask, _MASKED_SCORE)
+            mask = _additive_mask(attention_mask, query.dtype)
         # [s, b, heads, hn] -> [b, heads, s, hn] laid out as [b, s, heads, hn]: the CPU flash
         # kernel runs forward and backward ~15% faster on that layout than on megatron's
         # [s, b] strides, copy included

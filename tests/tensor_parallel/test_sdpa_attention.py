@@ -74,3 +74,18 @@ def test_gpt_with_sdpa_attention_matches_the_unfused_model() -> None:
     sdpa, unfused = same_model(["model.local_attention=sdpa"], ["model.local_attention=megatron"])
     name = "tensor_parallel.sdpa_attention.SdpaDotProductAttention"
     assert name in sdpa and name not in unfused
+
+
+def test_a_mask_is_converted_once_for_every_layer() -> None:
+    import torch
+
+    from tensor_parallel.sdpa_attention import _additive_mask
+
+    masked = torch.tensor([[False, True], [False, False]])
+    first = _additive_mask(masked, torch.float32)
+    assert first.tolist() == [[0.0, -10000.0], [0.0, 0.0]]
+    assert _additive_mask(masked, torch.float32) is first  # the next layer: the same tensor
+    assert _additive_mask(masked, torch.bfloat16) is not first
+    masked[1, 0] = True  # changed in place: converted again
+    assert (_additive_mask(masked, torch.bfloat16) < 0).tolist() == [[False, True], [True, False]]
+    assert _additive_mask(masked.clone(), torch.bfloat16) is not first
