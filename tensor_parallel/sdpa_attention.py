@@ -17,8 +17,8 @@ reads the K/V groups in place (`enable_gqa`). Same inputs, outputs and semantics
   sequence's 2·cp chunks (chunk r and 2·cp-1-r, megatron's load-balanced split,
   `get_batch_on_this_cp_rank`), gathers K and V from the CP group (TE's `all_gather` comm type;
   the backward reduce-scatters their gradients) and attends with its queries' global positions.
-  The causal mask over those positions is materialised, `[s/cp, s]` per layer: this is the
-  exact, testable path; long contexts on GPU want TE's kernels, which need no mask.
+  The causal mask over those positions is materialised, `[s/cp, s]`, once for all layers: this
+  is the exact, testable path; long contexts on GPU want TE's kernels, which need no mask.
 
 Anything else (learnable/off-by-one softmax, sliding windows, query-key layer scaling,
 chunked causal prefill) goes to
