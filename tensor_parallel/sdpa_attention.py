@@ -61,14 +61,20 @@ def _additive_mask(masked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def _cp_causal_mask(cp: int, rank: int, local: int, device: torch.device) -> torch.Tensor:
-    """`[1, 1, s/cp, s]`, True where a key is after the query: this CP rank's queries (chunks
-    `rank` and `2cp-1-rank` of `2cp`) against every position. One tensor for every layer."""
+def _cp_layout(cp: int, rank: int, local: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where this CP rank's tokens sit in the sequence, built once for every layer.
+
+    Rank j holds global chunks j and 2cp-1-j of 2cp (megatron's load-balanced split). Returns the
+    rows that put K/V gathered in rank order back in position order, and the causal mask
+    `[1, 1, s/cp, s]` (True where a key comes after the query) of this rank's queries.
+    """
     chunk = local // 2
-    mine = torch.cat([torch.arange(chunk) + rank * chunk,
-                      torch.arange(chunk) + (2 * cp - 1 - rank) * chunk])
-    positions = torch.arange(cp * local)
-    return (positions[None, :] > mine[:, None]).to(device)[None, None]
+    held = torch.tensor([c for j in range(cp) for c in (j, 2 * cp - 1 - j)])
+    rows = (torch.argsort(held)[:, None] * chunk + torch.arange(chunk)).flatten()
+    mine = torch.cat([torch.arange(chunk) + c * chunk for c in held[2 * rank:2 * rank + 2]])
+    masked = torch.arange(cp * local)[None, :] > mine[:, None]
+    return rows.to(device), masked.to(device)[None, None]
 
 
 class SdpaDotProductAttention(DotProductAttention):
@@ -134,13 +140,8 @@ class SdpaDotProductAttention(DotProductAttention):
     def _context_parallel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Local queries `[s/cp, b, np, hn]` against the whole sequence's keys and values."""
-        cp, rank = self.cp_group.size(), self.cp_group.rank()
-        local = query.shape[0]
-        chunk = local // 2
-        # rank j holds global chunks j and 2cp-1-j: the gathered rows, reordered to positions
-        chunks = torch.tensor([c for j in range(cp) for c in (j, 2 * cp - 1 - j)])
-        order = torch.argsort(chunks)
-        rows = (order[:, None] * chunk + torch.arange(chunk)).flatten().to(key.device)
+        rows, causal = _cp_layout(self.cp_group.size(), self.cp_group.rank(), query.shape[0],
+                                  query.device)
 
         def gathered(t: torch.Tensor) -> torch.Tensor:
             full = tensor_parallel.gather_from_sequence_parallel_region(
@@ -149,7 +150,7 @@ class SdpaDotProductAttention(DotProductAttention):
 
         key, value = gathered(key), gathered(value)
         if attention_mask is None:  # causal over global positions
-            attention_mask = _cp_causal_mask(cp, rank, local, query.device)
+            attention_mask = causal
         # an explicit mask already holds these queries' rows over every key
         # (`get_batch_on_this_cp_rank` splits masks along the query dimension only)
         return self._attend(query, key, value, attention_mask, causal=False)
