@@ -1,4 +1,4 @@
-"""`kiln plan`: rank TP x PP (x VPP) x DP layouts of a Llama-style model by estimated memory per GPU.
+"""`kiln plan`: rank TP x PP (x VPP) x CP x DP layouts of a Llama-style model by estimated memory per GPU.
 
 `memory` estimates what one GPU of each pipeline stage holds (parameters counted as megatron's
 `GPTModel` holds them; activations tensor by tensor after Korthikanti et al. 2022), `ranking`
@@ -18,10 +18,15 @@ from tensor_parallel.plan.memory import (
     estimate_memory,
     stage_activations,
 )
-from tensor_parallel.plan.ranking import Plan, plan_layouts, throughput_proxy
+from tensor_parallel.plan.ranking import (
+    Plan,
+    context_parallel_sizes,
+    plan_layouts,
+    throughput_proxy,
+)
 
 __all__ = [
     "NAMED_MODELS", "Layout", "MemoryEstimate", "ModelShape", "Plan", "StageMemory",
-    "TrainingSetup", "count_parameters", "estimate_memory", "load_model", "main", "plan_layouts",
+    "TrainingSetup", "context_parallel_sizes", "count_parameters", "estimate_memory", "load_model", "main", "plan_layouts",
     "stage_activations", "throughput_proxy",
 ]

@@ -18,7 +18,7 @@ from tensor_parallel.plan.memory import (
     TrainingSetup,
     count_parameters,
 )
-from tensor_parallel.plan.ranking import Plan, plan_layouts
+from tensor_parallel.plan.ranking import Plan, context_parallel_sizes, plan_layouts
 
 
 def load_model(spec: str) -> ModelShape:
@@ -48,7 +48,7 @@ def plan_rows(plans: Sequence[Plan]) -> list[dict]:
         est, stage = plan.estimate, plan.estimate.heaviest
         rows.append({
             "rank": rank, "tp": plan.layout.tp, "pp": plan.layout.pp, "vpp": plan.layout.vpp,
-            "dp": plan.layout.dp, "sequence_parallel": plan.layout.sequence_parallel,
+            "cp": plan.layout.cp, "dp": plan.layout.dp, "sequence_parallel": plan.layout.sequence_parallel,
             "num_microbatches": est.num_microbatches, "params_per_gpu": stage.params,
             "weights_bytes": stage.weights, "gradients_bytes": stage.gradients,
             "optimizer_bytes": stage.optimizer,
@@ -68,7 +68,8 @@ def print_table(plans: Sequence[Plan], title: str, top: int | None) -> None:
     table = Table(title=title, title_justify="left")
     for name in ("#", "layout", "m", "params/GPU", "weights", "grads", "optim", "optim ZeRO-1",
                  "act none", "act sel", "act full", "setting", "peak GiB", "fits", "speed"):
-        table.add_column(name, justify="left" if name in ("layout", "setting") else "right")
+        table.add_column(name, justify="left" if name in ("layout", "setting") else "right",
+                         no_wrap=name == "layout")
     for row, plan in zip(plan_rows(plans)[:top], plans[:top], strict=False):
         act = row["activations_bytes"]
         setting = ("ZeRO-1" if plan.distributed_optimizer else "Adam") + f" + {plan.recompute}"
@@ -83,8 +84,20 @@ def print_table(plans: Sequence[Plan], title: str, top: int | None) -> None:
     Console(width=max(160, Console().width)).print(table)
 
 
+def _cp_sizes(spec: str, gpus_per_node: int) -> list[int]:
+    if spec == "auto":
+        return context_parallel_sizes(gpus_per_node)
+    try:
+        sizes = sorted({int(part) for part in spec.split(",")})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise UsageError(f"--cp '{spec}': give auto or positive sizes separated by commas")
+    return sizes
+
+
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kiln plan", description="rank TP/PP/DP layouts by estimated memory per GPU")
+    parser = argparse.ArgumentParser(prog="kiln plan", description="rank TP/PP/CP/DP layouts by estimated memory per GPU")
     parser.add_argument("--model", required=True,
                         help=f"{', '.join(NAMED_MODELS)} or a trainer YAML config with a model: section")
     parser.add_argument("--gpus", type=int, required=True)
@@ -98,6 +111,9 @@ def main(argv: Sequence[str]) -> int:
                         help="te: Transformer Engine kernels (GPU); sdpa: the trainer's local spec "
                              "on CPU (SDPA attention, fused ops); local: megatron's own local spec "
                              "(local_attention=megatron, local_fusions=false)")
+    parser.add_argument("--cp", default="auto",
+                        help="context-parallel sizes to consider, e.g. 1 or 1,2,4,16 (auto: 1 and "
+                             "the powers of two up to --gpus-per-node)")
     parser.add_argument("--reserve-gb", type=float, default=4.0,
                         help="GiB kept free for CUDA context, NCCL buffers and fragmentation")
     parser.add_argument("--top", type=int, default=25, help="rows to print (0: all)")
@@ -110,10 +126,11 @@ def main(argv: Sequence[str]) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     if args.gpu_memory_gb <= args.reserve_gb:
         raise UsageError("--gpu-memory-gb must exceed --reserve-gb")
+    cp_sizes = _cp_sizes(args.cp, args.gpus_per_node)
     setup = TrainingSetup(args.seq_length or model.seq_length, args.micro_batch_size,
                           args.global_batch_size, args.dtype, args.backend)
     plans, rejected = plan_layouts(model, args.gpus, args.gpu_memory_gb, setup,
-                                   args.gpus_per_node, args.reserve_gb)
+                                   args.gpus_per_node, args.reserve_gb, cp_sizes)
     if not plans:
         reasons = "; ".join(f"{n} x {why}" for why, n in sorted(rejected.items()))
         raise UsageError(f"no valid layout of {model.name} on {args.gpus} GPUs ({reasons})")

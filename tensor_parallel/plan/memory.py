@@ -19,8 +19,14 @@ attention, SwiGLU, RMSNorm, no dropout, untied or tied embeddings, a padded voca
   false`: unfused attention with an s x s softmax, torch RMSNorm). Dropout is torch's CPU dropout
   for both CPU sets.
   The in-flight micro-batches per stage follow megatron's 1F1B and interleaved schedules.
-- Not modelled: context parallelism, MoE, uneven pipeline splits, allocator fragmentation (the
-  planner keeps a reserve for it and for the CUDA context and communication buffers).
+- Context parallelism (`cp`) gives each rank s/cp of every sequence's tokens, so per-token
+  activations shrink by cp. Under `te` (ring attention, megatron's default `p2p`) a rank keeps
+  only its own K and V; under `sdpa` it keeps the whole sequence's K and V, gathered (the
+  trainer's CPU path, TE's `all_gather` type), and one `[s/cp, s]` causal mask shared by every
+  layer and micro-batch. megatron's unfused attention (`local`) has no CP. The distributed
+  optimizer shards over dp x cp, the ranks that reduce gradients together.
+- Not modelled: MoE, uneven pipeline splits, allocator fragmentation (the planner keeps a
+  reserve for it and for the CUDA context and communication buffers).
 """
 
 from __future__ import annotations
@@ -99,22 +105,25 @@ NAMED_MODELS: dict[str, ModelShape] = {
 
 @dataclass(frozen=True)
 class Layout:
-    """One way to place the model on `tp * pp * dp` GPUs; `vpp` chunks per stage when interleaved."""
+    """One way to place the model on `tp * pp * cp * dp` GPUs; `vpp` chunks per stage when
+    interleaved; `cp` ranks share each sequence (context parallelism)."""
 
     tp: int
     pp: int
     dp: int
     vpp: int | None = None
     sequence_parallel: bool = True
+    cp: int = 1
 
     def __post_init__(self) -> None:
-        if min(self.tp, self.pp, self.dp) < 1 or (self.vpp is not None and self.vpp < 2):
-            raise UsageError(f"layout tp={self.tp} pp={self.pp} dp={self.dp} vpp={self.vpp}: "
-                             "sizes must be positive and vpp, when given, at least 2")
+        if min(self.tp, self.pp, self.dp, self.cp) < 1 or (self.vpp is not None and self.vpp < 2):
+            raise UsageError(f"layout tp={self.tp} pp={self.pp} cp={self.cp} dp={self.dp} "
+                             f"vpp={self.vpp}: sizes must be positive and vpp, when given, at "
+                             "least 2")
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.cp * self.dp
 
     @property
     def chunks(self) -> int:
@@ -122,7 +131,8 @@ class Layout:
 
     def __str__(self) -> str:
         vpp = f" vpp{self.vpp}" if self.vpp else ""
-        return f"tp{self.tp} pp{self.pp}{vpp} dp{self.dp}"
+        cp = f" cp{self.cp}" if self.cp > 1 else ""
+        return f"tp{self.tp} pp{self.pp}{vpp}{cp} dp{self.dp}"
 
 
 @dataclass(frozen=True)
@@ -237,11 +247,14 @@ def gemm_weights_per_layer(model: ModelShape, tp: int) -> int:
 def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
                       recompute: Recompute = "none") -> int:
     """Bytes one layer keeps for backward per micro-batch on one TP rank (`recompute` != full)."""
-    s, b, h, f = setup.seq_length, setup.micro_batch_size, model.hidden_size, model.ffn_hidden_size
+    # s: this rank's tokens of a sequence; `full` of them under context parallelism
+    full = setup.seq_length
+    s, b, h, f = full // layout.cp, setup.micro_batch_size, model.hidden_size, model.ffn_hidden_size
     a, hq, hkv, t = model.num_attention_heads, model.query_size, model.kv_size, layout.tp
     e = 4 if setup.dtype == "fp32" else 2
     gemm_in = 1 if setup.dtype == "fp8" else e  # TE keeps FP8 copies of GEMM inputs
     sb = s * b
+    kv_sb = full * b if setup.backend == "sdpa" else sb  # keys and values kept, gathered or not
     # Tensors over the hidden dimension that TP replicates unless sequence parallelism splits them.
     shard = t if layout.sequence_parallel else 1
     replicated = split = 0
@@ -270,9 +283,9 @@ def layer_activations(model: ModelShape, layout: Layout, setup: TrainingSetup,
             # torch's CPU SDPA has no dropout in its flash kernel: the math kernel runs, in fp32,
             # keeping the scaled query, K and V repeated to every head, the softmax, the dropout
             # mask and the dropped probabilities
-            split += 4 * sb * 3 * hq + 12 * a * s * s * b
+            split += 4 * (sb + 2 * kv_sb) * hq + 12 * a * s * full * b
         else:  # flash: q, k and v (laid out [b, s] by the fused RoPE) and the log-sum-exp
-            split += e * sb * (hq + 2 * hkv) + 4 * a * sb
+            split += e * (sb * hq + 2 * kv_sb * hkv) + 4 * a * sb
         split += e * sb * hq  # attention output, the input of linear_proj
         glu = 4 * f if model.gated_linear_unit else 2 * f  # fc1 out (2f), silu, product
         split += e * sb * glu
@@ -327,7 +340,8 @@ def _cpu_norm_bytes(model: ModelShape, e: int, sb: int) -> int:
 def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, stage: int,
                       recompute: Recompute) -> int:
     """Peak activation bytes on one GPU of `stage` under megatron's pipeline schedule."""
-    s, b, h, t = setup.seq_length, setup.micro_batch_size, model.hidden_size, layout.tp
+    s, b, h, t = (setup.seq_length // layout.cp, setup.micro_batch_size, model.hidden_size,
+                  layout.tp)
     e = 4 if setup.dtype == "fp32" else 2
     shard = t if layout.sequence_parallel else 1
     layers_per_chunk = model.num_layers // (layout.pp * layout.chunks)
@@ -341,7 +355,8 @@ def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, s
         in_flight_chunks = min(warmup + 1, m * layout.vpp)
     if recompute == "full":
         per_layer = e * s * b * h // shard  # each layer keeps only its input
-        per_chunk = 4 * s * model.head_dim  # and the fp32 RoPE table all of a chunk's layers share
+        # and the fp32 RoPE table (this CP rank's rows) all of a chunk's layers share
+        per_chunk = 4 * s * model.head_dim
         # During backward one layer at a time is recomputed in full.
         transient = layer_activations(model, layout, setup, "none")
     else:
@@ -357,6 +372,13 @@ def stage_activations(model: ModelShape, layout: Layout, setup: TrainingSetup, s
         if setup.backend == "local":
             extra += s * s  # the boolean causal mask handed to every layer
         extra *= in_flight_microbatches
+    if layout.cp > 1 and setup.backend == "sdpa" and recompute == "none":
+        # one for every layer and micro-batch: the rows putting the gathered K and V in position
+        # order, and the causal mask over global positions that the flash kernel keeps (the
+        # math kernel, under attention dropout, adds it to the scores and keeps nothing)
+        extra += 8 * setup.seq_length
+        if model.attention_dropout == 0:
+            extra += e * s * setup.seq_length
     if stage == layout.pp - 1:
         vocab = model.padded_vocab_size(t) // t
         if setup.backend == "local":
@@ -390,12 +412,24 @@ def estimate_stage_memory(model: ModelShape, layout: Layout, setup: TrainingSetu
     activations = {r: stage_activations(model, layout, setup, stage, r) for r in RECOMPUTE_MODES}
     return StageMemory(stage=stage, params=params, weights=weights, gradients=params * grad_b,
                        optimizer=params * optim_b,
-                       optimizer_distributed=-(-params * optim_b // layout.dp),
+                       optimizer_distributed=-(-params * optim_b // (layout.dp * layout.cp)),
                        activations=activations)
 
 
 def check_layout(model: ModelShape, layout: Layout, setup: TrainingSetup) -> str | None:
     """Why megatron would refuse `layout` for this model and batch, or None if it is valid."""
+    if layout.cp > 1 and setup.backend == "local":
+        return "megatron's unfused attention has no context parallelism"
+    # sequence parallelism splits the tokens over TP; CP splits them into 2 x cp chunks
+    parts = []
+    if layout.sequence_parallel and layout.tp > 1:
+        parts.append((f"tp {layout.tp}", layout.tp))
+    if layout.cp > 1:
+        parts.append((f"2 x cp {layout.cp}", 2 * layout.cp))
+    split = math.prod(n for _, n in parts)
+    if setup.seq_length % split:
+        return (f"the sequence does not split into {split} parts "
+                f"({' x '.join(name for name, _ in parts)})")
     if model.num_attention_heads % layout.tp or model.num_query_groups % layout.tp:
         return f"tp {layout.tp} does not divide the attention heads and query groups"
     if model.ffn_hidden_size % layout.tp:

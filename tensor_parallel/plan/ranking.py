@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kiln.errors import UsageError
@@ -53,61 +54,78 @@ def stage_balance(model: ModelShape, layout: Layout, seq_length: int) -> float:
 
 
 def throughput_proxy(model: ModelShape, layout: Layout, setup: TrainingSetup,
-                     recompute: Recompute) -> float:
+                     recompute: Recompute, gpus_per_node: int = 8) -> float:
     """Relative step speed, only for ordering layouts: bubble, stage balance, TP, recompute.
 
     The 1F1B bubble is (pp - 1) / (vpp * m) of the ideal time (Narayanan et al. 2021); a pipeline
     runs at the pace of its slowest stage; TP stays inside a node (NVLink) and each doubling costs
     some 4% in all-gather/reduce-scatter time; interleaving adds point-to-point traffic per chunk.
+    Context parallelism is costed like TP inside a node, and at 10% per doubling across nodes:
+    its K/V exchange overlaps attention only in part, so it ranks first where it saves
+    recomputation or makes a layout fit.
     Data-parallel gradient reduction is taken as overlapped with the backward pass.
     """
     work = layout.chunks * setup.num_microbatches(layout)
     pipeline = work / (work + layout.pp - 1) * stage_balance(model, layout, setup.seq_length)
     tp = 0.96 ** math.log2(layout.tp)
+    inside = min(layout.cp, max(1, gpus_per_node // layout.tp))
+    cp = 0.96 ** math.log2(inside) * 0.9 ** math.log2(layout.cp / inside)
     interleave = 0.99 ** (layout.chunks - 1)
-    return pipeline * tp * interleave * _RECOMPUTE_SPEED[recompute]
+    return pipeline * tp * cp * interleave * _RECOMPUTE_SPEED[recompute]
 
 
-def candidate_layouts(model: ModelShape, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
-    """Every tp x pp (x vpp) x dp = gpus with tp inside a node; validity is checked separately."""
+def context_parallel_sizes(gpus_per_node: int = 8) -> list[int]:
+    """The CP sizes `kiln plan` considers by default: 1 and the powers of two up to a node."""
+    return [2**k for k in range(int(math.log2(gpus_per_node)) + 1)]
+
+
+def candidate_layouts(model: ModelShape, gpus: int, gpus_per_node: int = 8,
+                      cp_sizes: Sequence[int] = (1,)) -> list[Layout]:
+    """Every tp x pp (x vpp) x cp x dp = gpus with tp inside a node; validity is checked
+    separately."""
     layouts = []
     for tp in _divisors(gpus):
         if tp > gpus_per_node:
             continue
-        for pp in _divisors(gpus // tp):
-            if pp > model.num_layers:
+        for cp in cp_sizes:
+            if (gpus // tp) % cp:
                 continue
-            dp = gpus // (tp * pp)
-            layouts.append(Layout(tp, pp, dp, None, tp > 1))
-            if pp > 1:
-                for vpp in _divisors(model.num_layers // pp if model.num_layers % pp == 0 else 1):
-                    if vpp > 1:
-                        layouts.append(Layout(tp, pp, dp, vpp, tp > 1))
+            for pp in _divisors(gpus // (tp * cp)):
+                if pp > model.num_layers:
+                    continue
+                dp = gpus // (tp * cp * pp)
+                layouts.append(Layout(tp, pp, dp, None, tp > 1, cp))
+                if pp > 1:
+                    for vpp in _divisors(model.num_layers // pp if model.num_layers % pp == 0 else 1):
+                        if vpp > 1:
+                            layouts.append(Layout(tp, pp, dp, vpp, tp > 1, cp))
     return layouts
 
 
 def plan_layouts(model: ModelShape, gpus: int, gpu_memory_gb: float, setup: TrainingSetup,
-                 gpus_per_node: int = 8, reserve_gb: float = 4.0) -> tuple[list[Plan], dict[str, int]]:
+                 gpus_per_node: int = 8, reserve_gb: float = 4.0,
+                 cp_sizes: Sequence[int] = (1,)) -> tuple[list[Plan], dict[str, int]]:
     """Rank valid layouts: those that fit first, then by throughput proxy, then by peak memory.
 
     `reserve_gb` is kept free for the CUDA context, communication buffers and fragmentation. For
-    each layout the distributed optimizer is used whenever dp > 1, and the cheapest recomputation
-    that fits is chosen. Returns the plans and, per reason, how many layouts were invalid.
+    each layout the distributed optimizer is used whenever dp x cp > 1, and the cheapest
+    recomputation that fits is chosen. `cp_sizes`: the context-parallel sizes to consider.
+    Returns the plans and, per reason, how many layouts were invalid.
     """
     if gpus <= 0:
         raise UsageError(f"--gpus must be positive, got {gpus}")
     budget = (gpu_memory_gb - reserve_gb) * GIB
     plans, rejected = [], {}
-    for layout in candidate_layouts(model, gpus, gpus_per_node):
+    for layout in candidate_layouts(model, gpus, gpus_per_node, cp_sizes):
         reason = check_layout(model, layout, setup)
         if reason:
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
         estimate = estimate_memory(model, layout, setup)
-        dist_opt = layout.dp > 1
+        dist_opt = layout.dp * layout.cp > 1
         recompute = next((r for r in RECOMPUTE_MODES if estimate.peak(dist_opt, r) <= budget), "full")
         peak = estimate.peak(dist_opt, recompute)
-        speed = throughput_proxy(model, layout, setup, recompute)
+        speed = throughput_proxy(model, layout, setup, recompute, gpus_per_node)
         plans.append(Plan(estimate, dist_opt, recompute, peak, peak <= budget, speed))
     # Layouts that fit go by speed; the rest by how close they come to fitting.
     plans.sort(key=lambda p: (0, -round(p.throughput, 6), p.peak_bytes) if p.fits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,13 @@ from pathlib import Path
 import pytest
 
 from kiln.cli import run_main
+from kiln.errors import UsageError
 from tensor_parallel.plan import (
     NAMED_MODELS,
     Layout,
     ModelShape,
     TrainingSetup,
+    context_parallel_sizes,
     count_parameters,
     estimate_memory,
     main,
@@ -68,10 +71,10 @@ TRAINER_TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def trainer_measurements() -> dict[tuple[str, str, str], dict]:
-    """One subprocess builds each tiny model through `trainer.model.build_gpt_chunks` (SDPA,
-    fused ops, the CPU backend) and measures what its forward keeps for backward."""
+def _measure_trainer_models(tmp_path: Path, cp: int) -> dict[tuple[str, str, str], dict]:
+    """One launch builds each tiny model through `trainer.model.build_gpt_chunks` (SDPA, fused
+    ops, the CPU backend) and measures what its forward keeps for backward; with `cp` > 1 under
+    torchrun, on the first of `cp` ranks sharing each sequence."""
     cases, keys = [], []
     for name, (shape, batch) in TRAINER_TINY.items():
         for dtype in ("fp32", "bf16"):
@@ -84,10 +87,25 @@ def trainer_measurements() -> dict[tuple[str, str, str], dict]:
                               "micro_batch_size": batch, "seq_length": shape.seq_length,
                               "vocab_size": shape.padded_vocab_size(1)})
                 keys.append((name, dtype, recompute))
-    out = subprocess.run([sys.executable, str(TRAINER_PROBE)], input=json.dumps(cases),
+    path = tmp_path / f"cases-cp{cp}.json"
+    path.write_text(json.dumps(cases))
+    launcher = [] if cp == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc-per-node={cp}"]
+    out = subprocess.run([sys.executable, *launcher, str(TRAINER_PROBE), str(path), f"--cp={cp}"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return dict(zip(keys, json.loads(out.stdout.strip().splitlines()[-1]), strict=True))
+
+
+@pytest.fixture(scope="module")
+def trainer_measurements(tmp_path_factory) -> dict[tuple[str, str, str], dict]:
+    return _measure_trainer_models(tmp_path_factory.mktemp("probe"), cp=1)
+
+
+@pytest.fixture(scope="module")
+def trainer_cp2_measurements(tmp_path_factory) -> dict[tuple[str, str, str], dict]:
+    """Context parallelism: two ranks share each sequence (K/V gathered, a global causal mask)."""
+    return _measure_trainer_models(tmp_path_factory.mktemp("probe"), cp=2)
 
 
 @pytest.mark.parametrize("name", list(TRAINER_TINY))
@@ -120,28 +138,31 @@ def test_fp32_training_state_bytes_equal_measured(name, megatron_measurements):
     assert stage.optimizer == measured["optimizer_bytes"]
 
 
-# backend -> the tiny models measured for it, and the fixture measuring them: `local` is megatron's
-# own GPTModel with its local spec, `sdpa` the trainer's model as the CPU runs it
-MEASURED = {"local": (TINY, "megatron_measurements"), "sdpa": (TRAINER_TINY, "trainer_measurements")}
+# (backend, cp) -> the tiny models measured for it, and the fixture measuring them: `local` is
+# megatron's own GPTModel with its local spec, `sdpa` the trainer's model as the CPU runs it
+MEASURED = {("local", 1): (TINY, "megatron_measurements"),
+            ("sdpa", 1): (TRAINER_TINY, "trainer_measurements"),
+            ("sdpa", 2): (TRAINER_TINY, "trainer_cp2_measurements")}
 
 
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize(("backend", "name"),
-                         [(backend, name) for backend, (models, _) in MEASURED.items()
+@pytest.mark.parametrize(("backend", "cp", "name"),
+                         [(backend, cp, name) for (backend, cp), (models, _) in MEASURED.items()
                           for name in models])
-def test_activation_estimate_matches_tensors_saved_for_backward(backend, name, dtype, recompute,
-                                                                request):
+def test_activation_estimate_matches_tensors_saved_for_backward(backend, cp, name, dtype,
+                                                                recompute, request):
     """Exact without recomputation, within 1% with it. Under full recomputation what is kept
     between forward and backward is measured; the estimate adds one layer recomputed in full
     during backward, which is not kept."""
-    models, fixture = MEASURED[backend]
+    models, fixture = MEASURED[(backend, cp)]
     shape, batch = models[name]
     measured = request.getfixturevalue(fixture)[(name, dtype, recompute)]["activation_bytes"]
     setup = TrainingSetup(shape.seq_length, batch, batch, dtype, backend)
-    estimated = stage_activations(shape, SINGLE, setup, 0, recompute)
+    layout = dataclasses.replace(SINGLE, cp=cp)
+    estimated = stage_activations(shape, layout, setup, 0, recompute)
     if recompute == "full":
-        estimated -= layer_activations(shape, SINGLE, setup, "none")
+        estimated -= layer_activations(shape, layout, setup, "none")
     assert estimated == pytest.approx(measured, rel=0.01)
     if recompute == "none":
         assert estimated == measured
@@ -251,6 +272,51 @@ def test_layouts_megatron_rejects_are_not_offered():
     assert any("does not divide" in reason for reason in rejected)
 
 
+def test_context_parallelism_splits_tokens_and_shards_the_optimizer_over_dp_x_cp():
+    model = NAMED_MODELS["llama-8b"]
+    setup = TrainingSetup(32768, 1, 8)
+    layout = Layout(2, 1, 2, cp=2)
+    assert layout.gpus == 8 and str(layout) == "tp2 pp1 cp2 dp2"
+    with_cp, without = (estimate_memory(model, lay, setup).stages[0]
+                        for lay in (layout, Layout(2, 1, 4)))
+    # weights are replicated over CP; ZeRO-1 shards over the 4 ranks that reduce gradients
+    assert with_cp.params == without.params
+    assert with_cp.optimizer_distributed == without.optimizer_distributed
+    # Transformer Engine's ring attention keeps only this rank's tokens: a CP rank holds what
+    # one rank holds for a sequence cp times shorter
+    half = estimate_memory(model, Layout(2, 1, 2), dataclasses.replace(setup, seq_length=16384))
+    for recompute in ("none", "selective", "full"):
+        assert with_cp.activations[recompute] == half.stages[0].activations[recompute]
+    # the trainer's CPU path keeps the gathered K/V and a global causal mask: more than that
+    sdpa = dataclasses.replace(setup, backend="sdpa")
+    assert (estimate_memory(model, layout, sdpa).activations("none")
+            > estimate_memory(model, Layout(2, 1, 2), dataclasses.replace(
+                sdpa, seq_length=16384)).activations("none"))
+
+
+@pytest.mark.parametrize("layout, setup, reason", [
+    (Layout(1, 1, 2, cp=2), TrainingSetup(4096, 1, 8, backend="local"), "no context parallelism"),
+    (Layout(1, 1, 2, cp=4), TrainingSetup(4100, 1, 8), "does not split into 8 parts (2 x cp 4)"),
+    (Layout(2, 1, 1, cp=2), TrainingSetup(4092, 1, 8), "8 parts (tp 2 x 2 x cp 2)"),
+])
+def test_context_parallel_layouts_megatron_cannot_run_are_rejected(layout, setup, reason):
+    with pytest.raises(UsageError, match=re.escape(reason)):
+        estimate_memory(NAMED_MODELS["llama-1b"], layout, setup)
+
+
+def test_context_parallelism_is_planned_where_it_saves_recomputation():
+    # two KV heads cap TP at 2: at a 64k context only CP keeps activations without recomputation
+    model = ModelShape(16, 2048, 8192, 32, 2, 128256, 65536)
+    setup = TrainingSetup(65536, 1, 8)
+    without, _ = plan_layouts(model, 8, 40, setup)
+    assert all(p.layout.cp == 1 for p in without) and without[0].recompute != "none"
+    plans, _ = plan_layouts(model, 8, 40, setup, cp_sizes=context_parallel_sizes(8))
+    assert {p.layout.cp for p in plans} == {1, 2, 4, 8}
+    best = plans[0]
+    assert best.layout.cp > 1 and best.recompute == "none" and best.fits
+    assert best.throughput > without[0].throughput
+
+
 def test_cli_prints_the_ranked_table_for_8b_on_64_gpus(capsys):
     assert run_main(main, ["--model", "llama-8b", "--gpus", "64", "--gpu-memory-gb", "80"]) == 0
     out = capsys.readouterr().out
@@ -266,6 +332,9 @@ def test_cli_json_lists_every_layout(capsys):
     rows = report["layouts"]
     assert rows[0]["fits"] and rows[0]["rank"] == 1
     assert {(r["tp"], r["pp"], r["dp"]) for r in rows} >= {(1, 1, 8), (8, 1, 1), (2, 2, 2)}
+    assert {r["cp"] for r in rows} == {1, 2, 4, 8}  # --cp auto
+    assert run_main(main, [*argv, "--cp", "1,2"]) == 0
+    assert {r["cp"] for r in json.loads(capsys.readouterr().out)["layouts"]} == {1, 2}
 
 
 def test_cli_reports_when_nothing_fits(capsys):
@@ -294,6 +363,8 @@ def test_cli_reads_the_model_section_of_a_trainer_config(tmp_path, capsys):
     (["--model", "llama-8b", "--gpus", "0", "--gpu-memory-gb", "80"], "--gpus must be positive"),
     (["--model", "llama-8b", "--gpus", "7", "--gpu-memory-gb", "80", "--global-batch-size", "8"],
      "no valid layout"),
+    (["--model", "llama-8b", "--gpus", "8", "--gpu-memory-gb", "80", "--cp", "0,2"],
+     "--cp '0,2'"),
 ])
 def test_cli_rejects_unusable_arguments(argv, message, capsys):
     assert run_main(main, argv) == 2
