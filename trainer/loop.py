@@ -210,6 +210,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         raise ConfigError("parallel.cp", f"stage {cfg.stage} scores whole sequences, which "
                           "context parallelism would split over ranks: use parallel.cp=1")
     stage.setup()
+    if runtime.is_logging_rank():
+        _log_memory_plan(cfg, stage.vocab_size())
     vocab = padded_vocab_size(stage.vocab_size(), m.make_vocab_size_divisible_by, layout.tp)
     chunks = stage.build_model(vocab)
     tcfg = chunks[0].config
@@ -251,6 +253,42 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     if cfg.parallel.overlap_param_gather:
         tcfg.param_sync_func = per_chunk([c.start_param_sync for c in model])
     return Trainer(cfg, stage, model, optimizer, scheduler, TrainState(), micro)
+
+
+def _log_memory_plan(cfg: RunConfig, vocab_size: int) -> None:
+    """`kiln plan`'s estimate for this run's most loaded GPU, as Megatron-LM reports its
+    theoretical memory at start (pretrain and sft: one model, trained as planned)."""
+    from tensor_parallel import plan
+
+    m, layout = cfg.model, runtime.layout()
+    if m.transformer_impl == "transformer_engine":
+        backend = "te"
+    elif m.local_attention == "sdpa" and m.local_fusions:
+        backend = "sdpa"
+    elif m.local_attention == "megatron" and not m.local_fusions:
+        backend = "local"
+    else:
+        backend = None  # a mix of the local spec's kernels the plan does not model
+    if cfg.stage not in ("pretrain", "sft") or backend is None:
+        return
+    try:
+        shape = plan.ModelShape(
+            m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
+            m.num_query_groups or m.num_attention_heads, vocab_size, cfg.train.seq_length,
+            tie_embeddings=m.tie_embeddings, hidden_dropout=m.hidden_dropout,
+            attention_dropout=m.attention_dropout,
+            make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
+        setup = plan.TrainingSetup(cfg.train.seq_length, cfg.train.micro_batch_size,
+                                   cfg.train.global_batch_size,
+                                   "fp8" if m.fp8 else m.precision, backend)
+        estimate = plan.estimate_memory(shape, plan.Layout(
+            layout.tp, layout.pp, layout.dp, layout.vpp, cfg.parallel.sequence_parallel,
+            layout.cp), setup)
+    except UsageError as e:  # a shape the plan does not model; the run itself was checked
+        log.debug("no memory plan: %s", e)
+        return
+    log.info("memory plan (kiln plan, %s kernels): %s", backend,
+             estimate.summary(cfg.parallel.distributed_optimizer, m.recompute))
 
 
 def _step_record(t: Trainer, result: dict[str, float] | None, tokens_per_s: float,

@@ -193,11 +193,13 @@ class MemoryEstimate:
         """One log line for the most loaded GPU, e.g. for the trainer to print at start."""
         stage = max(self.stages, key=lambda s: s.total(distributed_optimizer, recompute))
         optimizer = stage.optimizer_distributed if distributed_optimizer else stage.optimizer
+        total = stage.total(distributed_optimizer, recompute)
         parts = (("weights", stage.weights), ("grads", stage.gradients), ("optimizer", optimizer),
                  (f"activations ({recompute} recompute)", stage.activations[recompute]),
-                 ("total", stage.total(distributed_optimizer, recompute)))
+                 ("total", total))
+        unit, size = ("GiB", GIB) if total >= GIB else ("MiB", 2**20)
         return (f"{self.layout}, pipeline stage {stage.stage}, {stage.params:,} parameters per GPU: "
-                + ", ".join(f"{name} {size / GIB:.2f} GiB" for name, size in parts))
+                + ", ".join(f"{name} {n / size:.2f} {unit}" for name, n in parts))
 
 
 # ---------------------------------------------------------------- parameters

@@ -38,6 +38,19 @@ def test_impossible_layout_exits_2(tmp_path: Path) -> None:
     assert "config key 'parallel.tp'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_start_logs_the_memory_plan_of_its_layout(tmp_path: Path) -> None:
+    """`kiln plan`'s estimate for the run, as Megatron-LM logs its theoretical memory."""
+    proc = subprocess.run(
+        [sys.executable, MAIN, "--config", TINY, "--set", "train.steps=1",
+         "model.recompute=selective", "checkpoint.save=false", f"run_dir={tmp_path}"],
+        cwd=ROOT, env=child_env() | {"KILN_LOG_LEVEL": "INFO"}, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = [x for x in proc.stderr.splitlines() if "memory plan" in x]
+    assert "(kiln plan, sdpa kernels): tp1 pp1 dp1, pipeline stage 0, 276,960 parameters" in line
+    assert "activations (selective recompute)" in line and line.endswith(" MiB")
+
+
 @pytest.mark.slow
 def test_diverging_run_skips_bad_steps_then_stops_naming_the_step(tmp_path: Path) -> None:
     """An absurd learning rate blows the weights up: NaN steps are skipped, then the run stops."""
