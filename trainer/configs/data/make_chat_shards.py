@@ -16,12 +16,19 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, ROOT)
 
-from dataprep.chat.formats import HH_TURN, RecordError, RecordFiltered, parse_record  # noqa: E402
+from dataprep.chat.formats import (  # noqa: E402
+    HH_TURN,
+    PreferencePair,
+    RecordError,
+    RecordFiltered,
+    parse_record,
+)
 from dataprep.tokenizer import (  # noqa: E402
     SentencePieceTokenizer,
     TrainSpec,
@@ -48,15 +55,21 @@ def make_tokenizer(out: str, vocab_size: int) -> None:
     save_tokenizer_dir(out, tok)
 
 
-def unpaired_records(rows: list[dict]) -> list[dict]:
-    """Each HH pair as two KTO examples: chosen desirable, rejected undesirable."""
-    out = []
+def hh_prompts(rows: list[dict]) -> Iterator[tuple[list[dict], PreferencePair]]:
+    """Each usable HH record's prompt (the turns before the compared replies) as chat messages,
+    with its parsed pair; records `kiln preference` would dead-letter are left out."""
     for row in rows:
         try:
             [pair] = parse_record(row, "hh")
-        except (RecordError, RecordFiltered):  # `kiln preference` dead-letters these too
+        except (RecordError, RecordFiltered):
             continue
-        prompt = [{"role": m.role, "content": m.content} for m in pair.prompt_messages]
+        yield [{"role": m.role, "content": m.content} for m in pair.prompt_messages], pair
+
+
+def unpaired_records(rows: list[dict]) -> list[dict]:
+    """Each HH pair as two KTO examples: chosen desirable, rejected undesirable."""
+    out = []
+    for prompt, pair in hh_prompts(rows):
         out.append({"prompt": prompt, "completion": pair.chosen, "label": True})
         out.append({"prompt": prompt, "completion": pair.rejected, "label": False})
     return out

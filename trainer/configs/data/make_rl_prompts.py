@@ -20,23 +20,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from make_chat_shards import BEAM, SAMPLES, hh_rows, write_jsonl  # noqa: E402
+from make_chat_shards import BEAM, SAMPLES, hh_prompts, hh_rows, write_jsonl  # noqa: E402
 
-from dataprep.chat.formats import RecordError, RecordFiltered, parse_record  # noqa: E402
 from jobs import preference  # noqa: E402
 
 
 def prompt_records(rows: list[dict]) -> list[dict]:
     """Each HH conversation's prompt (every turn before the compared replies) as chat messages."""
-    out = []
-    for row in rows:
-        try:
-            [pair] = parse_record(row, "hh")
-        except (RecordError, RecordFiltered):  # `kiln preference` dead-letters these too
-            continue
-        out.append({"prompt": [{"role": m.role, "content": m.content}
-                               for m in pair.prompt_messages]})
-    return out
+    return [{"prompt": prompt} for prompt, _ in hh_prompts(rows)]
 
 
 def main() -> None:
