@@ -25,8 +25,12 @@ attention, SwiGLU, RMSNorm, no dropout, untied or tied embeddings, a padded voca
   trainer's CPU path, TE's `all_gather` type), and one `[s/cp, s]` causal mask shared by every
   layer and micro-batch. megatron's unfused attention (`local`) has no CP. The distributed
   optimizer shards over dp x cp, the ranks that reduce gradients together.
-- Not modelled: MoE, uneven pipeline splits, allocator fragmentation (the planner keeps a
-  reserve for it and for the CUDA context and communication buffers).
+- Not modelled: MoE, uneven pipeline splits, transient buffers (a backward's gradient in
+  flight, workspaces), communication buffers and allocator fragmentation; the planner keeps a
+  reserve for these and for the CUDA context. On CPU the estimate is checked against the
+  measured peak of real training steps (single, full recompute, bf16, TP=2 with SP, PP=2,
+  CP=2, DP=2 with ZeRO-1): never above it, and within 12% of it at test sizes, where fixed
+  buffers weigh most.
 """
 
 from __future__ import annotations
