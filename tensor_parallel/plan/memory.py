@@ -29,8 +29,8 @@ attention, SwiGLU, RMSNorm, no dropout, untied or tied embeddings, a padded voca
   flight, workspaces), communication buffers and allocator fragmentation; the planner keeps a
   reserve for these and for the CUDA context. On CPU the estimate is checked against the
   measured peak of real training steps (single, full recompute, bf16, TP=2 with SP, PP=2,
-  CP=2, DP=2 with ZeRO-1): never above it, and within 12% of it at test sizes, where fixed
-  buffers weigh most.
+  CP=2, DP=2 with ZeRO-1): never above it, and 2% to 17% below it at test sizes, where fixed
+  buffers weigh most (the most where asynchronous collectives overlap the backward).
 """
 
 from __future__ import annotations
