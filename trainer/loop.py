@@ -289,6 +289,23 @@ def _log_memory_plan(cfg: RunConfig, vocab_size: int) -> None:
         return
     log.info("memory plan (kiln plan, %s kernels): %s", backend,
              estimate.summary(cfg.parallel.distributed_optimizer, m.recompute))
+    if runtime.on_gpu():
+        capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        warning = memory_warning(estimate, cfg, capacity)
+        if warning:
+            log.warning(warning)
+
+
+def memory_warning(estimate: Any, cfg: RunConfig, capacity: int) -> str | None:
+    """Why this run will not fit a GPU of `capacity` bytes by the plan's count, else None."""
+    peak = estimate.peak(cfg.parallel.distributed_optimizer, cfg.model.recompute)
+    if peak <= capacity:
+        return None
+    gib = 1024**3
+    return (f"the memory plan's {peak / gib:.1f} GiB per GPU (before CUDA context, communication "
+            f"buffers and transients) exceeds this GPU's {capacity / gib:.1f} GiB: expect out of "
+            f"memory; `kiln plan --model <config> --gpus {runtime.world_size()} --gpu-memory-gb "
+            f"{capacity / gib:.0f}` lists the layouts and recomputation that fit")
 
 
 def _step_record(t: Trainer, result: dict[str, float] | None, tokens_per_s: float,
@@ -372,4 +389,5 @@ def train(cfg: RunConfig) -> TrainState:
     return t.state
 
 
-__all__ = ["BadStepsError", "TrainState", "Trainer", "build_trainer", "forward_only", "train"]
+__all__ = ["BadStepsError", "TrainState", "Trainer", "build_trainer", "forward_only", "memory_warning",
+           "train"]

@@ -51,6 +51,26 @@ def test_start_logs_the_memory_plan_of_its_layout(tmp_path: Path) -> None:
     assert "activations (selective recompute)" in line and line.endswith(" MiB")
 
 
+def test_memory_warning_names_the_plan_and_the_gpu() -> None:
+    """On a GPU the trainer warns at start when the plan's peak exceeds the device's memory."""
+    from tensor_parallel import plan
+    from trainer.config import load_run_config
+    from trainer.loop import memory_warning
+
+    cfg = load_run_config(TINY, ["model.recompute=full"])
+    m = cfg.model
+    estimate = plan.estimate_memory(
+        plan.ModelShape(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
+                        m.num_query_groups, 257, cfg.train.seq_length),
+        plan.Layout(1, 1, 1, sequence_parallel=False),
+        plan.TrainingSetup(cfg.train.seq_length, cfg.train.micro_batch_size,
+                           cfg.train.global_batch_size, "fp32", "sdpa"))
+    peak = estimate.peak(cfg.parallel.distributed_optimizer, "full")
+    assert memory_warning(estimate, cfg, capacity=peak) is None
+    warning = memory_warning(estimate, cfg, capacity=peak - 1)
+    assert warning is not None and "exceeds this GPU's" in warning and "kiln plan" in warning
+
+
 @pytest.mark.slow
 def test_diverging_run_skips_bad_steps_then_stops_naming_the_step(tmp_path: Path) -> None:
     """An absurd learning rate blows the weights up: NaN steps are skipped, then the run stops."""
