@@ -255,12 +255,13 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     return Trainer(cfg, stage, model, optimizer, scheduler, TrainState(), micro)
 
 
-def _log_memory_plan(cfg: RunConfig, vocab_size: int) -> None:
-    """`kiln plan`'s estimate for this run's most loaded GPU, as Megatron-LM reports its
-    theoretical memory at start (pretrain and sft: one model, trained as planned)."""
+def memory_estimate(cfg: RunConfig, vocab_size: int, layout: Any) -> tuple[Any, str] | None:
+    """`kiln plan`'s estimate for this run's layout and kernels, and the kernel set's name; None
+    for stages other than pretrain and sft (several models, or another head) and for local-spec
+    kernel mixes the plan does not model."""
     from tensor_parallel import plan
 
-    m, layout = cfg.model, runtime.layout()
+    m = cfg.model
     if m.transformer_impl == "transformer_engine":
         backend = "te"
     elif m.local_attention == "sdpa" and m.local_fusions:
@@ -268,27 +269,36 @@ def _log_memory_plan(cfg: RunConfig, vocab_size: int) -> None:
     elif m.local_attention == "megatron" and not m.local_fusions:
         backend = "local"
     else:
-        backend = None  # a mix of the local spec's kernels the plan does not model
-    if cfg.stage not in ("pretrain", "sft") or backend is None:
-        return
+        return None
+    if cfg.stage not in ("pretrain", "sft"):
+        return None
+    shape = plan.ModelShape(
+        m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
+        m.num_query_groups or m.num_attention_heads, vocab_size, cfg.train.seq_length,
+        tie_embeddings=m.tie_embeddings, hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
+    setup = plan.TrainingSetup(cfg.train.seq_length, cfg.train.micro_batch_size,
+                               cfg.train.global_batch_size, "fp8" if m.fp8 else m.precision,
+                               backend)
+    return plan.estimate_memory(shape, plan.Layout(
+        layout.tp, layout.pp, layout.dp, layout.vpp, cfg.parallel.sequence_parallel, layout.cp),
+        setup), backend
+
+
+def _log_memory_plan(cfg: RunConfig, vocab_size: int) -> None:
+    """The plan's estimate for this run's most loaded GPU, as Megatron-LM reports its
+    theoretical memory at start; on a GPU, a warning when it will not fit."""
     try:
-        shape = plan.ModelShape(
-            m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
-            m.num_query_groups or m.num_attention_heads, vocab_size, cfg.train.seq_length,
-            tie_embeddings=m.tie_embeddings, hidden_dropout=m.hidden_dropout,
-            attention_dropout=m.attention_dropout,
-            make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
-        setup = plan.TrainingSetup(cfg.train.seq_length, cfg.train.micro_batch_size,
-                                   cfg.train.global_batch_size,
-                                   "fp8" if m.fp8 else m.precision, backend)
-        estimate = plan.estimate_memory(shape, plan.Layout(
-            layout.tp, layout.pp, layout.dp, layout.vpp, cfg.parallel.sequence_parallel,
-            layout.cp), setup)
+        planned = memory_estimate(cfg, vocab_size, runtime.layout())
     except UsageError as e:  # a shape the plan does not model; the run itself was checked
         log.debug("no memory plan: %s", e)
         return
+    if planned is None:
+        return
+    estimate, backend = planned
     log.info("memory plan (kiln plan, %s kernels): %s", backend,
-             estimate.summary(cfg.parallel.distributed_optimizer, m.recompute))
+             estimate.summary(cfg.parallel.distributed_optimizer, cfg.model.recompute))
     if runtime.on_gpu():
         capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         warning = memory_warning(estimate, cfg, capacity)
@@ -389,5 +399,5 @@ def train(cfg: RunConfig) -> TrainState:
     return t.state
 
 
-__all__ = ["BadStepsError", "TrainState", "Trainer", "build_trainer", "forward_only", "memory_warning",
-           "train"]
+__all__ = ["BadStepsError", "TrainState", "Trainer", "build_trainer", "forward_only",
+           "memory_estimate", "memory_warning", "train"]

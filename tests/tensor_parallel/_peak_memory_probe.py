@@ -25,9 +25,9 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 sys.path.insert(0, ROOT)
 
 from kiln.log import setup_logging  # noqa: E402
-from tensor_parallel import plan, runtime  # noqa: E402
+from tensor_parallel import runtime  # noqa: E402
 from trainer.config import load_run_config  # noqa: E402
-from trainer.loop import build_trainer  # noqa: E402
+from trainer.loop import build_trainer, memory_estimate  # noqa: E402
 
 TINY = os.path.join(ROOT, "trainer", "configs", "tiny-pretrain.yaml")
 
@@ -52,20 +52,6 @@ def peak_live_bytes(trace_path: str) -> int:
     return peak
 
 
-def planned_bytes(cfg, vocab_size: int, pipeline_rank: int) -> int:
-    m, layout = cfg.model, runtime.layout()
-    shape = plan.ModelShape(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
-                            m.num_query_groups or m.num_attention_heads, vocab_size,
-                            cfg.train.seq_length, tie_embeddings=m.tie_embeddings,
-                            make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
-    setup = plan.TrainingSetup(cfg.train.seq_length, cfg.train.micro_batch_size,
-                               cfg.train.global_batch_size, m.precision, "sdpa")
-    estimate = plan.estimate_memory(shape, plan.Layout(
-        layout.tp, layout.pp, layout.dp, layout.vpp, cfg.parallel.sequence_parallel, layout.cp),
-        setup)
-    return estimate.stages[pipeline_rank].total(cfg.parallel.distributed_optimizer, m.recompute)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -88,8 +74,10 @@ def main() -> None:
         trace = os.path.join(run_dir, f"trace-{runtime.rank()}.json")
         prof.export_chrome_trace(trace)
         stage = parallel_state.get_pipeline_model_parallel_rank()
+        estimate, _ = memory_estimate(cfg, trainer.stage.vocab_size(), runtime.layout())
+        planned = estimate.stages[stage].total(p.distributed_optimizer, cfg.model.recompute)
         record = {"rank": runtime.rank(), "stage": stage, "measured": peak_live_bytes(trace),
-                  "planned": planned_bytes(cfg, trainer.stage.vocab_size(), stage)}
+                  "planned": planned}
         records = [None] * runtime.world_size()
         dist.all_gather_object(records, record)
         if runtime.rank() == 0:

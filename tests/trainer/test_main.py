@@ -53,22 +53,19 @@ def test_start_logs_the_memory_plan_of_its_layout(tmp_path: Path) -> None:
 
 def test_memory_warning_names_the_plan_and_the_gpu() -> None:
     """On a GPU the trainer warns at start when the plan's peak exceeds the device's memory."""
-    from tensor_parallel import plan
+    from tensor_parallel.layout import Layout
     from trainer.config import load_run_config
-    from trainer.loop import memory_warning
+    from trainer.loop import memory_estimate, memory_warning
 
     cfg = load_run_config(TINY, ["model.recompute=full"])
-    m = cfg.model
-    estimate = plan.estimate_memory(
-        plan.ModelShape(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
-                        m.num_query_groups, 257, cfg.train.seq_length),
-        plan.Layout(1, 1, 1, sequence_parallel=False),
-        plan.TrainingSetup(cfg.train.seq_length, cfg.train.micro_batch_size,
-                           cfg.train.global_batch_size, "fp32", "sdpa"))
+    estimate, backend = memory_estimate(cfg, 257, Layout())
+    assert backend == "sdpa"
     peak = estimate.peak(cfg.parallel.distributed_optimizer, "full")
     assert memory_warning(estimate, cfg, capacity=peak) is None
     warning = memory_warning(estimate, cfg, capacity=peak - 1)
     assert warning is not None and "exceeds this GPU's" in warning and "kiln plan" in warning
+    # stages that train several models, or another head, have no single-model plan
+    assert memory_estimate(load_run_config(TINY, ["stage=dpo"]), 257, Layout()) is None
 
 
 @pytest.mark.slow
