@@ -2,8 +2,8 @@
 SDPA attention and the fused ops, under the CPU backend): tensors saved for backward.
 
 Run as a script (its own process: the CPU backend changes process-wide torch state). Reads a JSON
-list of {"overrides": [...], "micro_batch_size": b, "seq_length": s, "vocab_size": v} on stdin, or
-from the file named by its argument, and prints one JSON list of {"params", "activation_bytes"}.
+list of {"overrides": [...], "micro_batch_size": b, "seq_length": s, "vocab_size": v} from the file
+named by its argument and prints one JSON list of {"params", "activation_bytes"}.
 
 Context parallelism: under `torchrun --nproc-per-node=CP`, with `--cp CP`, each rank feeds its
 share of the sequence (megatron's load-balanced split) and rank 0 prints its own measurements.
@@ -54,14 +54,11 @@ def measure(case: dict, cp: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("cases", nargs="?", help="JSON file (default: stdin)")
+    parser.add_argument("cases", help="JSON file of the cases to measure")
     parser.add_argument("--cp", type=int, default=1)
     args = parser.parse_args()
-    if args.cases:
-        with open(args.cases, encoding="utf-8") as f:
-            cases = json.load(f)
-    else:
-        cases = json.load(sys.stdin)
+    with open(args.cases, encoding="utf-8") as f:
+        cases = json.load(f)
     setup_logging("WARNING")
     runtime.init(tp=1, cp=args.cp, seed=1)
     try:

@@ -71,6 +71,12 @@ TRAINER_TINY = {
 }
 
 
+def _launcher(ranks: int) -> list[str]:
+    """Interpreter arguments that run a probe script on `ranks` processes (torchrun beyond one)."""
+    return [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc-per-node={ranks}"]
+
+
 def _measure_trainer_models(tmp_path: Path, cp: int) -> dict[tuple[str, str, str], dict]:
     """One launch builds each tiny model through `trainer.model.build_gpt_chunks` (SDPA, fused
     ops, the CPU backend) and measures what its forward keeps for backward; with `cp` > 1 under
@@ -89,9 +95,7 @@ def _measure_trainer_models(tmp_path: Path, cp: int) -> dict[tuple[str, str, str
                 keys.append((name, dtype, recompute))
     path = tmp_path / f"cases-cp{cp}.json"
     path.write_text(json.dumps(cases))
-    launcher = [] if cp == 1 else ["-m", "torch.distributed.run", "--standalone",
-                                   f"--nproc-per-node={cp}"]
-    out = subprocess.run([sys.executable, *launcher, str(TRAINER_PROBE), str(path), f"--cp={cp}"],
+    out = subprocess.run([sys.executable, *_launcher(cp), str(TRAINER_PROBE), str(path), f"--cp={cp}"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return dict(zip(keys, json.loads(out.stdout.strip().splitlines()[-1]), strict=True))
@@ -187,9 +191,7 @@ def test_plan_bounds_the_measured_peak_memory_of_training_steps(ranks, overrides
     the most where asynchronous collectives (TP with SP, CP, DP) overlap the backward differently
     from run to run."""
     out = tmp_path / "peaks.json"
-    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone",
-                                      f"--nproc-per-node={ranks}"]
-    proc = subprocess.run([sys.executable, *launcher, str(PEAK_PROBE), str(out), "--set",
+    proc = subprocess.run([sys.executable, *_launcher(ranks), str(PEAK_PROBE), str(out), "--set",
                            *PEAK_MODEL, *overrides], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for record in json.loads(out.read_text()):
