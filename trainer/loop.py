@@ -346,6 +346,7 @@ def train(cfg: RunConfig) -> TrainState:
                             seq_length=tr.seq_length)
     peak = peak_tflops(m.fp8 is not None)
     if t.state.step >= tr.steps:  # nothing to train: evaluate the loaded weights
+        t.stage.before_evaluate(t.state.step, t.model)
         val = t.evaluate()
         if runtime.is_logging_rank() and val is not None:
             record = {"step": t.state.step, **{f"val_{k}": v for k, v in val.items()}}

@@ -131,8 +131,9 @@ class Reference(ABC):
         """Have the values of the step's micro-batches (`step_rows()`, this DP rank's rows of
         each) ready before the step trains on `policy`. Collective: every rank calls it."""
 
-    def available(self) -> torch.Tensor | None:
-        return self.values
+    def before_evaluate(self, step: int, policy: Model) -> None:  # noqa: B027 (optional hook)
+        """Have the validation rows' values ready for a run that evaluates without training
+        (`train.steps` reached, or 0). Collective. The online reference scored them at set-up."""
 
     def missing(self) -> str:
         """Why there are no values at all (the lookup's error)."""
@@ -140,7 +141,7 @@ class Reference(ABC):
 
     def lookup(self, index: torch.Tensor) -> torch.Tensor:
         """`[b, 2]` for the dataset rows `index` (last pipeline stage)."""
-        table = self.available()
+        table = self.values
         if table is None:
             raise DataError(self.missing(), path=self.path)
         values = table[index.cpu()].to(index.device)
@@ -235,11 +236,6 @@ class StoredReference(Reference):
         # the dataset rows the stage uses (train and validation); the others stay NaN
         self.rows = np.arange(len(ids)) if rows is None else np.asarray(rows, dtype=np.int64)
 
-    def available(self) -> torch.Tensor | None:
-        if self.values is None:  # evaluation of a finished run: no step, so no `before_step`
-            self.values = self._read()
-        return self.values
-
     def missing(self) -> str:
         return (f"no reference log-probs: they are computed before the first training step, or "
                 f"read from {self.path} when a run resumes")
@@ -269,6 +265,10 @@ class StoredReference(Reference):
             self.values = values
             if runtime.is_logging_rank():
                 self._write(values)
+
+    def before_evaluate(self, step: int, policy: Model) -> None:
+        # at step 0 (`train.steps=0` on a new run) the policy is still the reference
+        self.before_step(step, policy, list)
 
     def _write(self, values: torch.Tensor) -> None:
         table = pa.table({"id": pa.array(self.ids, pa.string()),

@@ -4,6 +4,7 @@ after a resume; the option is checked."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def runs(tmp_path_factory) -> Path:
         # both references start from an init checkpoint (the 2-step one)
         "dpo_init_precomputed": [config("dpo"), *STEPS, init],
         "dpo_init_online": [config("dpo"), *STEPS, *online, init],
+        # evaluated before any step: the starting model is the reference
+        "dpo_unstepped": [config("dpo"), *STEPS, "train.steps=0"],
+        "kto_unstepped": [config("kto"), *STEPS, "train.steps=0"],
+        "kto_unstepped_online": [config("kto"), *STEPS, "train.steps=0", "kto.reference=online"],
     })
     return out
 
@@ -104,3 +109,18 @@ def test_online_reference_resumes_to_the_uninterrupted_losses(runs: Path) -> Non
     assert [r["loss"] for r in first + resumed] == pytest.approx(
         [r["loss"] for r in whole], abs=1e-6, rel=0)
     assert resumed[-1]["val_loss"] == pytest.approx(whole[-1]["val_loss"], abs=1e-6, rel=0)
+
+
+@pytest.mark.slow
+def test_a_run_with_no_steps_scores_the_precomputed_reference_to_evaluate(runs: Path) -> None:
+    """`train.steps=0` evaluates the starting model, which is the reference: the precomputed
+    values are scored and stored then (not refused as missing), and give the online losses."""
+    def evaluation(run: str) -> dict:
+        return json.loads((runs / run / "eval.json").read_text())
+
+    dpo = evaluation("dpo_unstepped")
+    assert dpo["step"] == 0 and dpo["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert dpo["val_reward_margin"] == 0.0
+    assert (runs / "dpo_unstepped" / "reference_logps.arrow").exists()
+    kto, kto_online = evaluation("kto_unstepped"), evaluation("kto_unstepped_online")
+    assert kto == pytest.approx(kto_online, abs=1e-6, rel=0)

@@ -71,6 +71,10 @@ class Stage:
     def before_step(self, step: int, model: list[torch.nn.Module]) -> None:
         """Hook before each optimizer step (rollouts for PPO/GRPO, reference refresh...)."""
 
+    def before_evaluate(self, step: int, model: list[torch.nn.Module]) -> None:
+        """Hook before a run with nothing left to train (`train.steps` reached, or 0) evaluates
+        the weights it loaded or started from."""
+
     def sharded_state_dict(self, per_rank: bool = True) -> dict[str, Any]:
         """What a resume needs of the stage beyond the trainer's checkpoint (weights, optimizer,
         LR schedule, data position, RNG): e.g. PPO's adaptive β and the rollout in training.

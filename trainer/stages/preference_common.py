@@ -105,6 +105,10 @@ class TwoSequenceStage(ChatStage):
         if self.reference is not None:
             self.reference.before_step(step, model, lambda: self.step_rows(position))
 
+    def before_evaluate(self, step: int, model: list[torch.nn.Module]) -> None:
+        if self.reference is not None:
+            self.reference.before_evaluate(step, model)
+
     def sequence_logps(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Summed response log-probs of every sequence `[2b]`."""
         return sequence_logps(token_logps(logits, batch["labels"]), batch["loss_mask"])
