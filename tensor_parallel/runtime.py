@@ -185,6 +185,17 @@ def broadcast_from_last_rank(values: Sequence[float]) -> list[float]:
     return tensor.tolist()
 
 
+def broadcast_from_last_stage(tensors: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Tensors computed on the last pipeline stage (where outputs exist), now on every stage of
+    this rank's pipeline. The other stages pass None: shapes and dtypes travel with the values."""
+    if layout().pp == 1:
+        return list(tensors)
+    box = [None if tensors is None else [t.cpu() for t in tensors]]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return [t.to(device()) for t in box[0]]
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """A picklable object from `src` to every rank (e.g. a run directory name)."""
     box = [obj]

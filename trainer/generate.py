@@ -15,8 +15,13 @@ forwards (`trainer/rollout.py`) use the same layout, so their log-probs match th
 Tensor parallelism: the output layer gathers the vocabulary-parallel logits of the last position
 over the TP group (`runtime_gather_output`, `[b, V]`, small), and every TP rank samples from
 identical logits with an identically seeded generator, so all ranks pick the same token without
-a broadcast (and stop at the same step). Pipeline parallelism is refused: generation needs every
-layer on the rank that samples.
+a broadcast (and stop at the same step).
+
+Pipeline parallelism: each forward (the prompt, then one token per step) runs through megatron's
+forward-only pipeline schedule, as the reference scoring of the preference stages does; each stage
+keeps the KV cache of its own layers. The last stage samples and broadcasts the new tokens to the
+other stages of its pipeline, so every rank ends with the same `Generation`. One model chunk per
+rank: virtual pipeline stages are refused.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from kiln.errors import ConfigError, UsageError
+from tensor_parallel import runtime
+from trainer.loop import forward_only
 
 
 @dataclass
@@ -141,13 +148,21 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _last_logits(model: torch.nn.Module, tokens: torch.Tensor, valid: torch.Tensor,
-                 queries: int, context: StaticInferenceContext | None) -> torch.Tensor:
-    """Full-vocabulary logits `[b, V]` of the last slot, identical on every TP rank."""
-    inputs = tokens[:, -queries:]
-    logits = model(input_ids=inputs, position_ids=position_ids(valid)[:, -queries:],
-                   attention_mask=attention_mask(valid, queries), inference_context=context,
-                   runtime_gather_output=True)
-    return logits[:, -1, :].float()
+                 queries: int, context: StaticInferenceContext | None) -> torch.Tensor | None:
+    """Full-vocabulary logits `[b, V]` of the last slot, identical on every TP rank of the last
+    pipeline stage; None on the other stages. Collective over the pipeline."""
+    batch = {"tokens": tokens[:, -queries:], "position_ids": position_ids(valid)[:, -queries:],
+             "attention_mask": attention_mask(valid, queries)}
+
+    def forward(chunk: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return chunk(input_ids=b["tokens"], position_ids=b["position_ids"],
+                     attention_mask=b["attention_mask"], inference_context=context,
+                     runtime_gather_output=True)
+
+    [*out] = forward_only([model], lambda: iter([batch]), 1, forward,
+                          lambda logits, _: logits[:, -1, :].float(), seq_length=queries,
+                          micro_batch_size=tokens.shape[0])
+    return out[0] if out else None
 
 
 @torch.no_grad()
@@ -159,13 +174,11 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
 
     `model`: this rank's single model chunk (DDP/Float16 wrappers are fine), the very module the
     optimizer updates. `vocab_size`: the tokenizer's; ids in the padding of the output layer are
-    never sampled. `generator` must be seeded identically on every TP rank.
+    never sampled. `generator` must be seeded identically on every TP rank (only the last
+    pipeline stage draws from it). Collective over the model-parallel ranks.
     """
     sampling = sampling or SamplingParams(greedy=True)
     inner = _unwrapped(model)
-    if not (getattr(inner, "pre_process", True) and getattr(inner, "post_process", True)):
-        raise ConfigError("parallel.pp", "generation runs the whole model on one pipeline stage; "
-                          "use parallel.pp=1 (tensor and data parallelism are supported)")
     if inner.config.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel", "generation decodes one token at a time, "
                           "which cannot be split over the sequence; set it to false")
@@ -183,8 +196,10 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
         for _ in range(max_new_tokens):
             logits = _last_logits(model, tokens, valid, queries if use_cache else tokens.shape[1],
                                   context)
-            logits[:, vocab_size:] = float("-inf")
-            next_ids = sample_next(logits, sampling, generator)
+            if logits is not None:  # the last pipeline stage samples
+                logits[:, vocab_size:] = float("-inf")
+                next_ids = sample_next(logits, sampling, generator)
+            [next_ids] = runtime.broadcast_from_last_stage(None if logits is None else [next_ids])
             next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
             tokens = torch.cat([tokens, next_ids.unsqueeze(1)], dim=1)
             valid = torch.cat([valid, (~done).unsqueeze(1)], dim=1)
@@ -267,7 +282,6 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat:
     from megatron.core import dist_checkpointing
 
     from kiln.config import from_dict
-    from tensor_parallel import runtime
     from trainer.checkpoint import resolve
     from trainer.config import RunConfig
     from trainer.model import build_gpt_chunks

@@ -18,6 +18,7 @@ import torch
 from tensor_parallel import runtime
 from tensor_parallel.vocab_parallel import vocab_parallel_log_probs
 from trainer.generate import Generation, attention_mask, position_ids
+from trainer.loop import forward_only
 from trainer.reward_head import sequence_rewards
 
 
@@ -57,6 +58,16 @@ def from_generation(gen: Generation) -> dict[str, torch.Tensor]:
             "valid": valid[:, :-1]}
 
 
+def pad_sequences(seqs: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """`from_generation`'s tensors right-padded to `length` columns (padding: not valid, no loss),
+    for pipeline parallelism, whose stages pass activations of one fixed shape."""
+    extra = length - seqs["tokens"].shape[1]
+    if extra < 0:
+        raise ValueError(f"rollout sequences of {seqs['tokens'].shape[1]} tokens exceed {length}")
+    fill = {"tokens": pad_id, "labels": pad_id, "loss_mask": 0.0, "valid": False}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) for k, v in seqs.items()}
+
+
 def forward_sequences(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     """The model on full sequences of the rollout layout (training and scoring)."""
     valid = batch["valid"]
@@ -86,18 +97,25 @@ def policy_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
 def score(model: torch.nn.Module, seqs: dict[str, torch.Tensor], micro_batch_size: int,
           read: Callable[[object, dict[str, torch.Tensor]], tuple[torch.Tensor, ...]]
           ) -> list[torch.Tensor]:
-    """`read(output, micro_batch)` over forward-only micro-batches, concatenated by position."""
+    """`read(output, micro_batch)` over forward-only micro-batches, concatenated by position, on
+    every pipeline stage. The micro-batches run through megatron's pipeline schedule (`read` on
+    the last stage), which passes `[S, micro_batch_size, h]` between stages: under pipeline
+    parallelism the rows must fill whole micro-batches. Collective over the pipeline."""
+    n, width = seqs["tokens"].shape
+    if runtime.layout().pp > 1 and n % micro_batch_size:
+        raise ValueError(f"{n} sequences do not fill micro-batches of {micro_batch_size}, which "
+                         "pipeline parallelism needs")
+    micro = [{k: v[start:start + micro_batch_size] for k, v in seqs.items()}
+             for start in range(0, n, micro_batch_size)]
     was_training = model.training
     model.eval()
-    parts: list[tuple[torch.Tensor, ...]] = []
     try:
-        n = seqs["tokens"].shape[0]
-        for start in range(0, n, micro_batch_size):
-            micro = {k: v[start:start + micro_batch_size] for k, v in seqs.items()}
-            parts.append(read(forward_sequences(model, micro), micro))
+        parts = forward_only([model], lambda: iter(micro), len(micro), forward_sequences, read,
+                             seq_length=width, micro_batch_size=micro_batch_size)
     finally:
         model.train(was_training)
-    return [torch.cat(column) for column in zip(*parts, strict=True)]
+    return runtime.broadcast_from_last_stage(
+        [torch.cat(column) for column in zip(*parts, strict=True)] if parts else None)
 
 
 def reward_model_scores(reward_model: torch.nn.Module, seqs: dict[str, torch.Tensor],

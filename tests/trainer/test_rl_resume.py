@@ -78,10 +78,15 @@ def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rl-resume-2")
     config, _, _, overrides = RUNS["ppo"]
     saved = f"checkpoint.dir={out / 'dp2-stop' / 'checkpoints'}"
+    pp2 = ["parallel.pp=2"]
     run_layouts(out, {"dp2-straight": ["train.steps=4"],
                       "dp2-stop": ["train.steps=3", "checkpoint.save=true"],
                       "dp2-resumed": ["train.steps=4", saved],
-                      "tp2-resumed": ["train.steps=4", "parallel.tp=2", saved]},
+                      "tp2-resumed": ["train.steps=4", "parallel.tp=2", saved],
+                      "pp2-straight": ["train.steps=4", *pp2],
+                      "pp2-stop": ["train.steps=3", "checkpoint.save=true", *pp2],
+                      "pp2-resumed": ["train.steps=4", *pp2,
+                                      f"checkpoint.dir={out / 'pp2-stop' / 'checkpoints'}"]},
                 *COMMON, *overrides, "train.micro_batch_size=4", nproc=2,
                 config=str(CONFIGS / config))
     return out
@@ -100,6 +105,19 @@ def test_ppo_resume_at_dp2_and_under_another_layout(two_ranks: Path) -> None:
     assert abs(other["reward_mean"] - straight[3]["reward_mean"]) > 1e-6
     assert other["kl_coef"] == pytest.approx(straight[3]["kl_coef"], abs=1e-9, rel=0)
     assert straight[3]["kl_coef"] != straight[0]["kl_coef"]
+
+
+@pytest.mark.slow
+def test_ppo_resume_mid_rollout_at_pp2(two_ranks: Path) -> None:
+    """Both pipeline stages hold the rollout; the checkpoint keeps one copy and gives it back."""
+    straight = metrics(two_ranks / "pp2-straight")
+    [resumed] = metrics(two_ranks / "pp2-resumed")
+    keys = set(straight[3]) - TIMING
+    assert resumed["step"] == 4
+    assert {k: resumed[k] for k in keys} == pytest.approx({k: straight[3][k] for k in keys},
+                                                          abs=1e-6, rel=0)
+    # the samples of rollouts 0 and 1 (16 prompts each) written once, by the last stage
+    assert _rollouts(two_ranks / "pp2-stop") == [0] * 16 + [1] * 16
 
 
 if __name__ == "__main__":

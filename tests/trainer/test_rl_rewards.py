@@ -50,7 +50,7 @@ def test_reward_function_results_are_checked():
 
 
 @pytest.mark.parametrize(("config", "override", "key"), [
-    (PPO, "parallel.pp=2", "parallel.pp"),
+    (PPO, "parallel.pp=2 parallel.vpp=2", "parallel.vpp"),
     (GRPO, "parallel.sequence_parallel=true", "parallel.sequence_parallel"),
     (PPO, "ppo.reward_function=null", "ppo.reward_function"),
     (GRPO, "train.global_batch_size=12", "train.global_batch_size"),
@@ -64,5 +64,5 @@ def test_stages_refuse_what_they_cannot_run(config, override, key):
     from trainer.stages import stage_class
 
     with pytest.raises(ConfigError, match=f"'{key}'"):
-        cfg = load_run_config(config, [override])
+        cfg = load_run_config(config, override.split())
         stage_class(cfg.stage)(cfg).setup()

@@ -6,7 +6,11 @@ loop then takes `epochs × rollout / train.global_batch_size` optimizer steps on
 mini-batch of `global_batch_size` sequences per step; `before_step` samples the next rollout
 when the previous one is used up. Generation runs on the loop's own model chunk (the DDP-wrapped
 module whose parameters the optimizer updates), so no weights are copied between the trainer and
-the sampler. Pipeline parallelism and sequence parallelism are refused (see trainer/generate.py).
+the sampler. TP, PP and DP all run: under PP the prompt and every decode step pass through
+megatron's forward-only pipeline schedule, the last stage samples and broadcasts the tokens, and
+the rollout (padded to `train.seq_length`, the pipeline's one activation shape) is scored the same
+way, so every stage holds the same rollout. Virtual pipeline stages and sequence parallelism
+are refused (see trainer/generate.py).
 
 Rewards: `reward_function: "module:function"` (see trainer/rewards.py) and/or
 `reward_model: CHECKPOINT` (a `stage: rm` checkpoint, any layout); with both they are added.
@@ -50,7 +54,15 @@ from trainer.model import build_gpt_chunks
 from trainer.reference import frozen_reference
 from trainer.reward_head import GPTRewardModel
 from trainer.rewards import call_reward_function, load_reward_function
-from trainer.rollout import RolloutBatch, from_generation, policy_logps, reward_model_scores, score
+from trainer.rollout import (
+    RolloutBatch,
+    forward_sequences,
+    from_generation,
+    pad_sequences,
+    policy_logps,
+    reward_model_scores,
+    score,
+)
 from trainer.stages import Batch
 from trainer.stages.chat_common import ChatOptions, ChatStage
 
@@ -84,9 +96,10 @@ class RLStage(ChatStage):
         super().setup()
         o, tr = self.opts, self.cfg.train
         sec = self.name
-        if self.cfg.parallel.pp != 1:
-            raise ConfigError("parallel.pp", f"stage {sec} samples with the whole model on each "
-                              "rank: use parallel.pp=1 (TP and DP are supported)")
+        if self.cfg.parallel.vpp is not None:
+            raise ConfigError("parallel.vpp", f"stage {sec} samples with one model chunk per "
+                              "pipeline stage: leave parallel.vpp unset (TP, PP and DP are "
+                              "supported)")
         if self.cfg.parallel.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel", f"stage {sec} decodes token by "
                               "token, which sequence parallelism cannot split: set it to false")
@@ -170,7 +183,7 @@ class RLStage(ChatStage):
                      if trained else " (frozen)")
         m = self.cfg.model
         kv_heads = m.num_query_groups or m.num_attention_heads
-        kv = (2 * m.num_layers * kv_heads * (m.hidden_size // m.num_attention_heads) * weight_b
+        kv = (2 * m.num_layers // self.cfg.parallel.pp * kv_heads * (m.hidden_size // m.num_attention_heads) * weight_b
               * self.cfg.train.seq_length * self.rollout_size // runtime.dp_size()
               // self.cfg.parallel.tp)
         log.info("memory plan: %.1f MiB for the models, %.1f MiB KV cache per rollout (this rank)",
@@ -200,6 +213,8 @@ class RLStage(ChatStage):
                        sampling=SamplingParams(o.greedy, o.temperature, o.top_k, o.top_p),
                        generator=torch.Generator().manual_seed(int(seed)))
         seqs = from_generation(gen)
+        if self.seq_len() is not None:  # one shape for the pipeline's buffers
+            seqs = pad_sequences(seqs, self.seq_len(), self.pad_id)
         scores = self._scores(rows, prompts, gen.completion_ids(), seqs)
         mb = tr.micro_batch_size
         old = score(policy, seqs, mb, self._read_policy)
@@ -212,7 +227,7 @@ class RLStage(ChatStage):
     def _record(self, index: int, prompts: list[list[int]], completions: list[list[int]],
                 scores: torch.Tensor) -> None:
         """Append this DP rank's samples to `<run_dir>/rollouts/dp<rank>.jsonl` (to read them)."""
-        if runtime.tp_rank() != 0:
+        if runtime.tp_rank() != 0 or not runtime.is_last_stage():
             return
         path = os.path.join(self.cfg.run_dir, "rollouts", f"dp{runtime.dp_rank()}.jsonl")
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -285,8 +300,8 @@ class RLStage(ChatStage):
 
     def sharded_state_dict(self, per_rank: bool = True) -> dict[str, Any]:
         """The rollout in training: its rollout-wide metrics (the same on every rank) and, per DP
-        rank, its tensors and the mini-batches still to take (one object per DP rank; its TP/CP
-        ranks hold the same rollout). An exhausted rollout stores no tensors."""
+        rank, its tensors and the mini-batches still to take (one object per DP rank; its TP, PP
+        and CP ranks hold the same rollout). An exhausted rollout stores no tensors."""
         state: dict[str, Any] = {"rollout_metrics": dict(self.rollout_metrics),
                                  "steps_left": len(self._minibatches), "schedule": self._schedule()}
         if per_rank:
@@ -296,7 +311,7 @@ class RLStage(ChatStage):
             state["rollout"] = ShardedObject(
                 f"stage.{self.name}.rollout", {"batch": batch, "minibatches": list(self._minibatches)},
                 (runtime.dp_size(),), (runtime.dp_rank(),),
-                replica_id=(runtime.tp_rank(), ps.get_context_parallel_rank()))
+                replica_id=(runtime.tp_rank(), runtime.pp_rank(), ps.get_context_parallel_rank()))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -322,8 +337,6 @@ class RLStage(ChatStage):
                 yield self.rollout.select(rows[k:k + mb])
 
     def forward(self, model: torch.nn.Module, batch: Batch) -> Any:
-        from trainer.rollout import forward_sequences
-
         return forward_sequences(model, batch)
 
     def with_rollout_metrics(self, metrics: dict[str, torch.Tensor], units: torch.Tensor
