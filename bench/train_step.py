@@ -188,11 +188,17 @@ def main() -> None:
 
         keep_freed_memory()
     # The machine is shared and its speed drifts over tens of seconds: measure the two sides
-    # back to back in each round and report the median of the per-round ratios.
+    # back to back in each round and report the median of the per-round ratios. The order
+    # alternates between rounds, so drift that favours the first or second run of a pair
+    # cancels instead of landing on one side.
     theirs, mine = [], []
-    for _ in range(args.rounds):
-        theirs.append(hf(args.steps, args.log_every))
-        mine.append(ours(args.steps, args.log_every))
+    for i in range(args.rounds):
+        if i % 2:
+            mine.append(ours(args.steps, args.log_every))
+            theirs.append(hf(args.steps, args.log_every))
+        else:
+            theirs.append(hf(args.steps, args.log_every))
+            mine.append(ours(args.steps, args.log_every))
     ratios = [m / t for m, t in zip(mine, theirs, strict=True)]
     print("per-round ratios: " + ", ".join(f"{r:.3f}" for r in ratios))
     mine_median, theirs_median = statistics.median(mine), statistics.median(theirs)

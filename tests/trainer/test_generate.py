@@ -1,6 +1,7 @@
 """Generation: top-k/top-p filtering and sampling frequencies on fixed logits, left padding and
 masks, and (in a child process on the CPU backend) greedy decoding with megatron's KV cache equal
-to decoding without it, batched rows equal to single prompts, stopping at a stop token."""
+to decoding without it, batched rows equal to single prompts, stopping at a stop token, and the
+same tokens from two pipeline stages (torchrun, gloo)."""
 
 from __future__ import annotations
 
@@ -72,29 +73,40 @@ def test_left_padding_masks_and_positions():
 
 # ---- megatron GPTModel in a child process -----------------------------------------------------
 
-def _child() -> None:
+PROMPTS = [[5, 9, 17, 33], [7, 8], [40, 41, 42, 43, 44, 45], [11]]
+
+
+def _child(pp: int = 1) -> None:
     from tensor_parallel import runtime
     from trainer.config import RunConfig
-    from trainer.generate import generate
+    from trainer.generate import SamplingParams, generate
     from trainer.model import build_gpt_chunks
 
     cfg = RunConfig()
     cfg.model.num_query_groups = 2
     cfg.train.seq_length = 64
-    runtime.init()
-    [model] = build_gpt_chunks(cfg, 128)
-    prompts = [[5, 9, 17, 33], [7, 8], [40, 41, 42, 43, 44, 45], [11]]
+    cfg.parallel.pp = pp
+    runtime.init(pp=pp)
+    [model] = build_gpt_chunks(cfg, 128)  # seeded per layer: the same weights under any PP
+    prompts = PROMPTS
     kw = {"max_new_tokens": 20, "vocab_size": 100, "pad_id": 0}
     cached = generate(model, prompts, **kw)
     plain = generate(model, prompts, use_cache=False, **kw)
+    sampled = generate(model, prompts, sampling=SamplingParams(temperature=1.5, top_k=50),
+                       generator=torch.Generator().manual_seed(7), **kw)
+    out = {"cached": cached.tokens.tolist(), "plain": plain.tokens.tolist(),
+           "sampled": sampled.tokens.tolist(), "sampled_valid": sampled.valid.tolist()}
+    if pp > 1:  # each stage prints what it ended with
+        runtime.shutdown()
+        print("RESULT " + json.dumps(out), flush=True)
+        return
     singles = [generate(model, [p], **kw).completion_ids()[0] for p in prompts]
     first = cached.completion_ids()[0]
     stop = next(t for i, t in enumerate(first) if i >= 2 and t not in first[:i])
     stopped = generate(model, prompts, stop_ids=[stop], **kw)
-    out = {"cached": cached.tokens.tolist(), "plain": plain.tokens.tolist(),
-           "batched": cached.completion_ids(), "singles": singles, "stop": stop,
-           "stopped": stopped.completion_ids(), "stopped_valid": stopped.valid.tolist(),
-           "training": model.training}
+    out |= {"batched": cached.completion_ids(), "singles": singles, "stop": stop,
+            "stopped": stopped.completion_ids(), "stopped_valid": stopped.valid.tolist(),
+            "training": model.training}
     runtime.shutdown()
     print("RESULT " + json.dumps(out))
 
@@ -135,5 +147,22 @@ def test_rows_stop_after_a_stop_token(megatron_generations):
     assert sum(g["stopped_valid"][0]) == 4 + n  # prompt + generated, the rest padding
 
 
+@pytest.mark.slow
+def test_pipeline_parallel_generation_equals_one_stage(megatron_generations):
+    """PP=2 (each forward through the pipeline schedule, the last stage sampling): every stage
+    ends with the tokens one process decodes, with and without the KV cache and when sampling."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", __file__, "2"], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stages = [json.loads(x[len("RESULT "):]) for x in proc.stdout.splitlines()
+              if x.startswith("RESULT ")]
+    assert len(stages) == 2 and stages[0] == stages[1]
+    one = megatron_generations
+    for key in ("cached", "plain", "sampled", "sampled_valid"):
+        assert stages[0][key] == one[key], key
+    assert one["sampled"] != one["cached"]  # the sampled run is not the greedy one
+
+
 if __name__ == "__main__":
-    _child()
+    _child(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
