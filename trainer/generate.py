@@ -1,5 +1,6 @@
 """Batched sampling from the trainer's megatron `GPTModel` with megatron's static KV cache, and
-`kiln generate CKPT --prompt TEXT` to look at a checkpoint's outputs.
+`kiln generate CKPT --prompt TEXT [--tp N --pp M]` to look at a checkpoint's outputs (under
+torchrun with N×M processes for a model split over ranks; any saved layout loads).
 
 KV cache: megatron-core's own `StaticInferenceContext` passed as `inference_context=` to
 `GPTModel.forward`. It runs unchanged on CPU with the local layer spec (the cache buffers are
@@ -260,6 +261,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt as one user turn and open the assistant's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel ranks (launch tp×pp processes with torchrun)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages")
     return parser.parse_args(argv)
 
 
@@ -275,13 +279,16 @@ def _encode(sp, text: str, chat: bool) -> list[int]:
 
 
 def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat: bool,
-        max_new_tokens: int, sampling: SamplingParams, seed: int) -> list[str]:
-    """Decoded continuations of `prompts` by the policy stored in a trainer checkpoint."""
+        max_new_tokens: int, sampling: SamplingParams, seed: int, tp: int = 1,
+        pp: int = 1) -> list[str] | None:
+    """Decoded continuations of `prompts` by the policy stored in a trainer checkpoint (saved
+    under any layout), loaded over `tp` × `pp` ranks: on the last rank, None on the others."""
     import sentencepiece as spm
     import yaml
     from megatron.core import dist_checkpointing
 
     from kiln.config import from_dict
+    from tensor_parallel import check_model_fits
     from trainer.checkpoint import resolve
     from trainer.config import RunConfig
     from trainer.model import build_gpt_chunks
@@ -303,16 +310,31 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat:
     vocab = dist_checkpointing.load_tensors_metadata(path)[
         "embedding.word_embeddings.weight"].global_shape[0]
     stops = [sp.eos_id()] + ([sp.piece_to_id("<|end|>")] if chat else [])
-    runtime.init(seed=seed)
+    cfg.parallel.tp, cfg.parallel.pp = tp, pp
+    runtime.init(tp=tp, pp=pp, seed=seed)
     try:
+        if runtime.dp_size() != 1:
+            raise UsageError(f"kiln generate runs one copy of the model: launch --tp × --pp = "
+                             f"{tp * pp} processes, not {runtime.world_size()}")
+        m = cfg.model
+        try:
+            check_model_fits(runtime.layout(), num_layers=m.num_layers,
+                             num_attention_heads=m.num_attention_heads,
+                             num_query_groups=m.num_query_groups or m.num_attention_heads,
+                             seq_length=cfg.train.seq_length, sequence_parallel=False)
+        except ConfigError as exc:
+            raise UsageError(f"--{exc.key.split('.')[-1]}: {str(exc).split(': ', 1)[1]}") from None
         [model] = build_gpt_chunks(cfg, vocab)
         model = load_frozen(model, path)
         gen = generate(model, [_encode(sp, p, chat) for p in prompts],
                        max_new_tokens=max_new_tokens, vocab_size=sp.get_piece_size(),
                        pad_id=sp.pad_id() if sp.pad_id() >= 0 else 0, stop_ids=stops,
                        sampling=sampling, generator=torch.Generator().manual_seed(seed))
+        last = runtime.is_logging_rank()
     finally:
         runtime.shutdown()
+    if not last:
+        return None
     return [sp.decode([t for t in ids if t not in stops]) for ids in gen.completion_ids()]
 
 
@@ -325,10 +347,14 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         message = str(exc).split(": ", 1)[1]
         raise UsageError(f"--{exc.key.replace('_', '-')} {message}") from None
-    if args.max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be >= 1")
-    for text in run(args.checkpoint, args.prompt, tokenizer=args.tokenizer, chat=args.chat,
-                    max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed):
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--tp", args.tp),
+                        ("--pp", args.pp)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1")
+    texts = run(args.checkpoint, args.prompt, tokenizer=args.tokenizer, chat=args.chat,
+                max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                tp=args.tp, pp=args.pp)
+    for text in texts or ():
         print(text)
     return 0
 

@@ -45,9 +45,11 @@ def runs(tmp_path_factory) -> Path:
     return out
 
 
-def kiln_generate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kiln.cli", "generate", *args], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=200)
+def kiln_generate(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    launch = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                    f"--nproc-per-node={ranks}"]
+    return subprocess.run([sys.executable, *launch, "-m", "kiln.cli", "generate", *args],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=200)
 
 
 @pytest.mark.slow
@@ -78,7 +80,14 @@ def test_kiln_generate_samples_a_ppo_checkpoint(runs):
     first = kiln_generate(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     assert len(first.stdout.splitlines()) == 2
-
+    # the checkpoint over two pipeline stages or two tensor-parallel ranks: one copy printed,
+    # the same text
+    for layout in (["--pp", "2"], ["--tp", "2"]):
+        split = kiln_generate(*args, *layout, ranks=2)
+        assert split.returncode == 0, split.stderr[-3000:]
+        assert split.stdout == first.stdout, layout
+    mismatched = kiln_generate(*args, "--pp", "2", ranks=1)
+    assert mismatched.returncode != 0 and "not divisible by tp×pp×cp" in mismatched.stderr
 
 
 @pytest.mark.slow
