@@ -185,6 +185,15 @@ def broadcast_from_last_rank(values: Sequence[float]) -> list[float]:
     return tensor.tolist()
 
 
+def broadcast_last_stage_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the last pipeline stage's values of a tensor that every stage of this rank's
+    pipeline holds in the same shape and dtype (e.g. the tokens sampled at a decode step)."""
+    if layout().pp > 1:
+        dist.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return tensor
+
+
 def broadcast_from_last_stage(tensors: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
     """Tensors computed on the last pipeline stage (where outputs exist), now on every stage of
     this rank's pipeline. The other stages pass None: shapes and dtypes travel with the values."""

@@ -160,9 +160,9 @@ def _last_logits(model: torch.nn.Module, tokens: torch.Tensor, valid: torch.Tens
                      attention_mask=b["attention_mask"], inference_context=context,
                      runtime_gather_output=True)
 
-    [*out] = forward_only([model], lambda: iter([batch]), 1, forward,
-                          lambda logits, _: logits[:, -1, :].float(), seq_length=queries,
-                          micro_batch_size=tokens.shape[0])
+    out = forward_only([model], lambda: iter([batch]), 1, forward,
+                       lambda logits, _: logits[:, -1, :].float(), seq_length=queries,
+                       micro_batch_size=tokens.shape[0])
     return out[0] if out else None
 
 
@@ -200,7 +200,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
             if logits is not None:  # the last pipeline stage samples
                 logits[:, vocab_size:] = float("-inf")
                 next_ids = sample_next(logits, sampling, generator)
-            [next_ids] = runtime.broadcast_from_last_stage(None if logits is None else [next_ids])
+            else:
+                next_ids = torch.empty(b, dtype=torch.long, device=device)
+            runtime.broadcast_last_stage_tensor(next_ids)
             next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
             tokens = torch.cat([tokens, next_ids.unsqueeze(1)], dim=1)
             valid = torch.cat([valid, (~done).unsqueeze(1)], dim=1)

@@ -96,7 +96,7 @@ class RLStage(ChatStage):
         super().setup()
         o, tr = self.opts, self.cfg.train
         sec = self.name
-        if self.cfg.parallel.vpp is not None:
+        if (self.cfg.parallel.vpp or 1) > 1:
             raise ConfigError("parallel.vpp", f"stage {sec} samples with one model chunk per "
                               "pipeline stage: leave parallel.vpp unset (TP, PP and DP are "
                               "supported)")
