@@ -161,13 +161,28 @@ def dp_size() -> int:
     return ps.get_data_parallel_world_size()
 
 
-def dp_all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """All-reduce in place over the data-parallel group (with context parallel ranks)."""
+def dp_all_reduce(tensor: torch.Tensor, op: str = "sum", *,
+                  with_context_parallel: bool = True) -> torch.Tensor:
+    """All-reduce in place over the data-parallel group (with the context-parallel ranks, unless
+    the value is already the same on them)."""
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=reduce_op,
-                        group=ps.get_data_parallel_group(with_context_parallel=True))
+        dist.all_reduce(tensor, op=reduce_op, group=ps.get_data_parallel_group(
+            with_context_parallel=with_context_parallel))
     return tensor
+
+
+def cp_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the context-parallel ranks, each holding its part of every sequence (e.g. a
+    sequence's summed log-probs), differentiably: the backward sums the gradients of the CP ranks,
+    which compute the same loss from the same sums, so each rank's share of the sequence gets CP
+    times one gradient, and summed over CP ranks then divided by their CP-times-counted samples
+    (megatron's per-token loss normalisation over DP×CP) the update is that of one copy."""
+    if layout().cp == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor, group=ps.get_context_parallel_group())
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:

@@ -207,8 +207,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     check_model_config(cfg)
     stage = stage_class(cfg.stage)(cfg)
     if layout.cp > 1 and not stage.context_parallel:
-        raise ConfigError("parallel.cp", f"stage {cfg.stage} scores whole sequences, which "
-                          "context parallelism would split over ranks: use parallel.cp=1")
+        raise ConfigError("parallel.cp", f"stage {cfg.stage} reads whole sequences on one "
+                          "rank, which context parallelism would split: use parallel.cp=1")
     stage.setup()
     if runtime.is_logging_rank():
         _log_memory_plan(cfg, stage.vocab_size())

@@ -103,7 +103,7 @@ def score_rows(scorer: RowScorer, model: Model, rows: np.ndarray,
     owned = torch.zeros(num_rows, dtype=torch.bool, device=values.device)
     owned[torch.from_numpy(mine).to(values.device)] = True
     values[~owned] = 0.0  # a rank with no rows of its own scored a borrowed one: count rows once
-    runtime.dp_all_reduce(values)
+    runtime.dp_all_reduce(values, with_context_parallel=False)  # CP ranks hold the same values
     unused = torch.ones(num_rows, dtype=torch.bool)
     unused[torch.from_numpy(rows)] = False
     values = values.cpu()

@@ -49,14 +49,14 @@ def test_refuses_another_contract_version(tmp_path) -> None:
 
 
 
-def test_dpo_refuses_context_parallelism(tmp_path) -> None:
-    """Preference losses score whole sequences: under CP each rank would hold half of each."""
+def test_reward_model_refuses_context_parallelism(tmp_path) -> None:
+    """A reward is read at a sequence's last token, which one CP rank holds."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "trainer" / "main.py"), "--config", config("dpo"), "--set",
+           str(ROOT / "trainer" / "main.py"), "--config", config("rm"), "--set",
            f"run_dir={tmp_path / 'run'}", "train.steps=1", "parallel.cp=2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
-    assert "config key 'parallel.cp': stage dpo scores whole sequences" in proc.stderr
+    assert "config key 'parallel.cp': stage rm reads whole sequences on one rank" in proc.stderr
     # each rank exits 1 with the one-line error (the launcher then reports the failed children)
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr

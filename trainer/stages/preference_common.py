@@ -55,6 +55,9 @@ class TwoSequenceStage(ChatStage):
 
     contracts = ("preference",)
     sequences_per_sample = 2
+    # each CP rank sums its share of every sequence's log-probs and token counts, then
+    # `runtime.cp_sum` makes them whole: the objectives see complete sequences
+    context_parallel = True
     uses_reference: ClassVar[bool] = False
     reference_columns: ClassVar[tuple[str, str]] = ("chosen_logps", "rejected_logps")
 
@@ -110,8 +113,9 @@ class TwoSequenceStage(ChatStage):
             self.reference.before_evaluate(step, model)
 
     def sequence_logps(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Summed response log-probs of every sequence `[2b]`."""
-        return sequence_logps(token_logps(logits, batch["labels"]), batch["loss_mask"])
+        """Summed response log-probs of every sequence `[2b]` (over its context-parallel parts)."""
+        return runtime.cp_sum(sequence_logps(token_logps(logits, batch["labels"]),
+                                             batch["loss_mask"]))
 
     def objective(self, logps: torch.Tensor, lengths: torch.Tensor, ref: torch.Tensor | None,
                   batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -119,7 +123,7 @@ class TwoSequenceStage(ChatStage):
 
     def loss(self, output: torch.Tensor, batch: Batch) -> LossOutput:
         logps = self.sequence_logps(output, batch)
-        lengths = batch["loss_mask"].sum(-1)
+        lengths = runtime.cp_sum(batch["loss_mask"].sum(-1))
         ref = None
         if self.reference is not None:
             ref = self.reference.lookup(batch["index"]).T.reshape(-1).to(logps.dtype)  # [2b]
