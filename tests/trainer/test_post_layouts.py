@@ -2,9 +2,9 @@
 under DP=2 too (reference log-probs gathered over DP, KTO's KL reference point averaged over DP);
 the online reference (dpo at TP=2, PP=2 and PP=2 × VPP=2, kto at DP=2) matches its single-process
 run; a reward model at PP=2 starts from an SFT checkpoint saved at TP=2, its new head initialised;
-sft on plain and packed (block-masked) rows, and dpo (stored and online reference) and kto, whose
-per-sequence sums add up over the CP ranks, match under context parallelism (CP=2) too; the stages
-that read whole sequences on one rank (rm, ppo, grpo) refuse CP."""
+sft on plain and packed (block-masked) rows, and dpo (stored and online reference), kto, orpo
+and simpo, whose per-sequence sums add up over the CP ranks, match under context parallelism
+(CP=2) too; the stages that read whole sequences on one rank (rm, ppo, grpo) refuse CP."""
 
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ RUNS = ([(s, lay) for s in STAGES for lay in ("tp2", "pp2")] + [("dpo", "dp2"), 
         + [("dpo_online", "tp2"), ("dpo_online", "pp2"), ("dpo_online_deep", "vpp2"),
            ("kto_online", "dp2")]
         + [("sft", "cp2"), ("sft_packed", "cp2"), ("dpo", "cp2"), ("dpo_online", "cp2"),
-           ("kto", "cp2")])
+           ("kto", "cp2"), ("orpo", "cp2"), ("simpo", "cp2")])
 COMPARED = {"sft": ["loss"], "rm": ["loss", "reward_accuracy", "reward_margin"],
             "dpo": ["loss", "reward_chosen", "reward_rejected", "reward_margin"],
-            "kto": ["loss", "kl", "reward_margin"]}
+            "kto": ["loss", "kl", "reward_margin"],
+            "orpo": ["loss", "nll_loss", "log_odds_ratio"], "simpo": ["loss", "reward_margin"]}
 COMPARED |= {name: COMPARED[name.split("_")[0]] for name in [*ONLINE, "sft_packed"]}
 # KTO's z₀ is a mean over one micro-batch of every DP rank: one process with one micro-batch of 8
 # sees what two ranks with 4 each see
@@ -50,7 +51,8 @@ def run(name: str, *overrides: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("post_layouts")
-    run_trainings(out, {s: run(s) for s in (*STAGES, "dpo_online", "dpo_online_deep")}
+    run_trainings(out, {s: run(s) for s in (*STAGES, "orpo", "simpo", "dpo_online",
+                                            "dpo_online_deep")}
                   | {"sft_packed": run("sft_packed"),
                      "kto": run("kto", *KTO_ONE_MICRO_BATCH),
                      "kto_online": run("kto_online", *KTO_ONE_MICRO_BATCH)})
