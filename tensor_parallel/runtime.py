@@ -172,6 +172,30 @@ def dp_all_reduce(tensor: torch.Tensor, op: str = "sum", *,
     return tensor
 
 
+def cp_token_positions(cp: int, rank: int, local: int,
+                       device: torch.device | None = None) -> torch.Tensor:
+    """Sequence positions `[local]` of the tokens CP rank `rank` of `cp` holds: chunks `rank`
+    and `2cp-1-rank` of 2cp (megatron's load-balanced split, `get_batch_on_this_cp_rank`)."""
+    chunk = local // 2
+    return torch.cat([torch.arange(chunk, device=device) + c * chunk
+                      for c in (rank, 2 * cp - 1 - rank)])
+
+
+def cp_positions(local: int, device: torch.device | None = None) -> torch.Tensor:
+    """This rank's `cp_token_positions` (0..local-1 without context parallelism)."""
+    cp = layout().cp
+    if cp == 1:
+        return torch.arange(local, device=device)
+    return cp_token_positions(cp, ps.get_context_parallel_rank(), local, device)
+
+
+def cp_max(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the maximum over the context-parallel ranks (no gradient)."""
+    if layout().cp > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=ps.get_context_parallel_group())
+    return tensor
+
+
 def cp_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over the context-parallel ranks, each holding its part of every sequence (e.g. a
     sequence's summed log-probs), differentiably: the backward sums the gradients of the CP ranks,

@@ -38,6 +38,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from tensor_parallel.runtime import cp_token_positions
+
 # what megatron's `attention_mask_func` writes into masked scores
 _MASKED_SCORE = -10000.0
 
@@ -69,10 +71,9 @@ def _cp_layout(cp: int, rank: int, local: int,
     rows that put K/V gathered in rank order back in position order, and the causal mask
     `[1, 1, s/cp, s]` (True where a key comes after the query) of this rank's queries.
     """
-    chunk = local // 2
-    held = torch.tensor([c for j in range(cp) for c in (j, 2 * cp - 1 - j)])
-    rows = (torch.argsort(held)[:, None] * chunk + torch.arange(chunk)).flatten()
-    mine = torch.cat([torch.arange(chunk) + c * chunk for c in held[2 * rank:2 * rank + 2]])
+    gathered = torch.cat([cp_token_positions(cp, j, local) for j in range(cp)])
+    rows = torch.argsort(gathered)  # gathered[rows] is 0, 1, ..., cp·local - 1
+    mine = cp_token_positions(cp, rank, local)
     masked = torch.arange(cp * local)[None, :] > mine[:, None]
     return rows.to(device), masked.to(device)[None, None]
 

@@ -207,7 +207,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     check_model_config(cfg)
     stage = stage_class(cfg.stage)(cfg)
     if layout.cp > 1 and not stage.context_parallel:
-        raise ConfigError("parallel.cp", f"stage {cfg.stage} reads whole sequences on one "
+        raise ConfigError("parallel.cp", f"stage {cfg.stage} decodes whole sequences on one "
                           "rank, which context parallelism would split: use parallel.cp=1")
     stage.setup()
     if runtime.is_logging_rank():

@@ -18,6 +18,8 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
+from tensor_parallel import runtime
+
 REWARD_HEAD = "reward_head."
 
 
@@ -63,6 +65,15 @@ def last_token_index(loss_mask: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_rewards(rewards: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """The reward of each sequence `[b]`, read at its last token, from per-position `[b, s]`."""
-    index = last_token_index(loss_mask)
-    return rewards.gather(1, index.unsqueeze(1)).squeeze(1)
+    """The reward of each sequence `[b]`, read at its last token, from per-position `[b, s]`.
+
+    Under context parallelism each rank holds two chunks of every sequence: the CP ranks agree on
+    the last token's position, the rank holding it contributes its reward, and `cp_sum` adds
+    them up (differentiably)."""
+    if runtime.layout().cp == 1:
+        index = last_token_index(loss_mask)
+        return rewards.gather(1, index.unsqueeze(1)).squeeze(1)
+    positions = runtime.cp_positions(loss_mask.shape[1], loss_mask.device)
+    last = runtime.cp_max(torch.where(loss_mask > 0, positions, -1).amax(dim=1)).clamp(min=0)
+    held = positions[None, :] == last[:, None]
+    return runtime.cp_sum(torch.where(held, rewards, 0).sum(1))

@@ -2,9 +2,10 @@
 under DP=2 too (reference log-probs gathered over DP, KTO's KL reference point averaged over DP);
 the online reference (dpo at TP=2, PP=2 and PP=2 × VPP=2, kto at DP=2) matches its single-process
 run; a reward model at PP=2 starts from an SFT checkpoint saved at TP=2, its new head initialised;
-sft on plain and packed (block-masked) rows, and dpo (stored and online reference), kto, orpo
-and simpo, whose per-sequence sums add up over the CP ranks, match under context parallelism
-(CP=2) too; the stages that read whole sequences on one rank (rm, ppo, grpo) refuse CP."""
+sft on plain and packed (block-masked) rows, dpo (stored and online reference), kto, orpo and
+simpo, whose per-sequence sums add up over the CP ranks, and rm, whose reward comes from the CP
+rank holding the last token, match under context parallelism (CP=2) too; ppo and grpo, which
+decode whole sequences on one rank, refuse CP."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ RUNS = ([(s, lay) for s in STAGES for lay in ("tp2", "pp2")] + [("dpo", "dp2"), 
         + [("dpo_online", "tp2"), ("dpo_online", "pp2"), ("dpo_online_deep", "vpp2"),
            ("kto_online", "dp2")]
         + [("sft", "cp2"), ("sft_packed", "cp2"), ("dpo", "cp2"), ("dpo_online", "cp2"),
-           ("kto", "cp2"), ("orpo", "cp2"), ("simpo", "cp2")])
+           ("kto", "cp2"), ("orpo", "cp2"), ("simpo", "cp2"), ("rm", "cp2")])
 COMPARED = {"sft": ["loss"], "rm": ["loss", "reward_accuracy", "reward_margin"],
             "dpo": ["loss", "reward_chosen", "reward_rejected", "reward_margin"],
             "kto": ["loss", "kl", "reward_margin"],
@@ -87,10 +88,10 @@ def test_reward_model_starts_from_an_sft_checkpoint(runs: Path) -> None:
     assert tuned[0]["loss"] != pytest.approx(fresh[0]["loss"], abs=1e-4)
 
 
-def test_stages_that_read_sequences_on_one_rank_refuse_context_parallelism() -> None:
+def test_stages_that_decode_sequences_on_one_rank_refuse_context_parallelism() -> None:
     from trainer.stages import stage_class
 
     assert {name: stage_class(name).context_parallel for name in (
         "pretrain", "sft", "rm", "dpo", "orpo", "simpo", "kto", "ppo", "grpo")} == {
-        "pretrain": True, "sft": True, "rm": False, "dpo": True, "orpo": True,
+        "pretrain": True, "sft": True, "rm": True, "dpo": True, "orpo": True,
         "simpo": True, "kto": True, "ppo": False, "grpo": False}

@@ -49,14 +49,14 @@ def test_refuses_another_contract_version(tmp_path) -> None:
 
 
 
-def test_reward_model_refuses_context_parallelism(tmp_path) -> None:
-    """A reward is read at a sequence's last token, which one CP rank holds."""
+def test_grpo_refuses_context_parallelism(tmp_path) -> None:
+    """Sampling decodes whole sequences on one rank."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "trainer" / "main.py"), "--config", config("rm"), "--set",
+           str(ROOT / "trainer" / "main.py"), "--config", config("grpo"), "--set",
            f"run_dir={tmp_path / 'run'}", "train.steps=1", "parallel.cp=2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
-    assert "config key 'parallel.cp': stage rm reads whole sequences on one rank" in proc.stderr
+    assert "config key 'parallel.cp': stage grpo decodes whole sequences on one rank" in proc.stderr
     # each rank exits 1 with the one-line error (the launcher then reports the failed children)
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr

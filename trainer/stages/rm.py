@@ -25,7 +25,6 @@ class RewardModelStage(TwoSequenceStage):
     name = "rm"
     options = RmOptions
     new_weights = (REWARD_HEAD,)  # absent from a language-model checkpoint: initialised
-    context_parallel = False  # the reward is read at one token, held by one CP rank
 
     def build_model(self, padded_vocab_size: int) -> list[torch.nn.Module]:
         return build_gpt_chunks(self.cfg, padded_vocab_size, model_class=GPTRewardModel)
