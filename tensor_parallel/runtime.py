@@ -197,11 +197,12 @@ def cp_max(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def cp_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over the context-parallel ranks, each holding its part of every sequence (e.g. a
-    sequence's summed log-probs), differentiably: the backward sums the gradients of the CP ranks,
-    which compute the same loss from the same sums, so each rank's share of the sequence gets CP
-    times one gradient, and summed over CP ranks then divided by their CP-times-counted samples
-    (megatron's per-token loss normalisation over DP×CP) the update is that of one copy."""
+    """Sum over the context-parallel ranks of per-sequence parts (e.g. each rank's share of a
+    sequence's log-probs), differentiably.
+
+    Every CP rank then computes the same loss, and the backward sums their gradients: each
+    rank's share gets CP times one gradient. Each CP rank also counts the samples once, and
+    megatron divides the gradients by the count summed over DP×CP, so the update is one copy's."""
     if layout().cp == 1:
         return tensor
     from torch.distributed.nn.functional import all_reduce
