@@ -325,7 +325,7 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat:
                              num_query_groups=m.num_query_groups or m.num_attention_heads,
                              seq_length=cfg.train.seq_length, sequence_parallel=False)
         except ConfigError as exc:
-            raise UsageError(f"--{exc.key.split('.')[-1]}: {str(exc).split(': ', 1)[1]}") from None
+            raise _flag_error(exc) from None
         [model] = build_gpt_chunks(cfg, vocab)
         model = load_frozen(model, path)
         gen = generate(model, [_encode(sp, p, chat) for p in prompts],
@@ -340,6 +340,13 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat:
     return [sp.decode([t for t in ids if t not in stops]) for ids in gen.completion_ids()]
 
 
+def _flag_error(exc: ConfigError) -> UsageError:
+    """A config check's error told as the command-line flag it came from (`top_p` -> --top-p,
+    `parallel.tp` -> --tp)."""
+    flag = exc.key.split(".")[-1].replace("_", "-")
+    return UsageError(f"--{flag} {str(exc).split(': ', 1)[1]}")
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     sampling = SamplingParams(greedy=args.greedy, temperature=args.temperature,
@@ -347,8 +354,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         sampling.check()
     except ConfigError as exc:
-        message = str(exc).split(": ", 1)[1]
-        raise UsageError(f"--{exc.key.replace('_', '-')} {message}") from None
+        raise _flag_error(exc) from None
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--tp", args.tp),
                         ("--pp", args.pp)):
         if value < 1:
