@@ -6,8 +6,10 @@ same tokens from two pipeline stages (torchrun, gloo)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +78,7 @@ def test_left_padding_masks_and_positions():
 PROMPTS = [[5, 9, 17, 33], [7, 8], [40, 41, 42, 43, 44, 45], [11]]
 
 
-def _child(pp: int = 1) -> None:
+def _child(pp: int = 1, out_dir: str | None = None) -> None:
     from tensor_parallel import runtime
     from trainer.config import RunConfig
     from trainer.generate import SamplingParams, generate
@@ -88,22 +90,21 @@ def _child(pp: int = 1) -> None:
     cfg.parallel.pp = pp
     runtime.init(pp=pp)
     [model] = build_gpt_chunks(cfg, 128)  # seeded per layer: the same weights under any PP
-    prompts = PROMPTS
     kw = {"max_new_tokens": 20, "vocab_size": 100, "pad_id": 0}
-    cached = generate(model, prompts, **kw)
-    plain = generate(model, prompts, use_cache=False, **kw)
-    sampled = generate(model, prompts, sampling=SamplingParams(temperature=1.5, top_k=50),
+    cached = generate(model, PROMPTS, **kw)
+    plain = generate(model, PROMPTS, use_cache=False, **kw)
+    sampled = generate(model, PROMPTS, sampling=SamplingParams(temperature=1.5, top_k=50),
                        generator=torch.Generator().manual_seed(7), **kw)
     out = {"cached": cached.tokens.tolist(), "plain": plain.tokens.tolist(),
            "sampled": sampled.tokens.tolist(), "sampled_valid": sampled.valid.tolist()}
-    if pp > 1:  # each stage prints what it ended with
+    if pp > 1:  # each stage writes what it ended with (two ranks' prints would interleave)
+        Path(out_dir, f"rank{os.environ['RANK']}.json").write_text(json.dumps(out))
         runtime.shutdown()
-        print("RESULT " + json.dumps(out), flush=True)
         return
-    singles = [generate(model, [p], **kw).completion_ids()[0] for p in prompts]
+    singles = [generate(model, [p], **kw).completion_ids()[0] for p in PROMPTS]
     first = cached.completion_ids()[0]
     stop = next(t for i, t in enumerate(first) if i >= 2 and t not in first[:i])
-    stopped = generate(model, prompts, stop_ids=[stop], **kw)
+    stopped = generate(model, PROMPTS, stop_ids=[stop], **kw)
     out |= {"batched": cached.completion_ids(), "singles": singles, "stop": stop,
             "stopped": stopped.completion_ids(), "stopped_valid": stopped.valid.tolist(),
             "training": model.training}
@@ -148,16 +149,15 @@ def test_rows_stop_after_a_stop_token(megatron_generations):
 
 
 @pytest.mark.slow
-def test_pipeline_parallel_generation_equals_one_stage(megatron_generations):
+def test_pipeline_parallel_generation_equals_one_stage(megatron_generations, tmp_path):
     """PP=2 (each forward through the pipeline schedule, the last stage sampling): every stage
     ends with the tokens one process decodes, with and without the KV cache and when sampling."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node=2", __file__, "2"], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=240)
+                           "--nproc-per-node=2", __file__, "2", str(tmp_path)],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    stages = [json.loads(x[len("RESULT "):]) for x in proc.stdout.splitlines()
-              if x.startswith("RESULT ")]
-    assert len(stages) == 2 and stages[0] == stages[1]
+    stages = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert stages[0] == stages[1]
     one = megatron_generations
     for key in ("cached", "plain", "sampled", "sampled_valid"):
         assert stages[0][key] == one[key], key
@@ -165,4 +165,4 @@ def test_pipeline_parallel_generation_equals_one_stage(megatron_generations):
 
 
 if __name__ == "__main__":
-    _child(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+    _child(*([int(sys.argv[1]), sys.argv[2]] if len(sys.argv) > 1 else []))
