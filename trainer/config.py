@@ -9,6 +9,7 @@ a new stage adds its own section without touching this file.
 from __future__ import annotations
 
 import dataclasses
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -91,6 +92,18 @@ class ScheduleConfig:
     style: Literal["cosine", "linear", "constant", "inverse-square-root"] = "cosine"
 
 
+def parse_signals(names: list[str]) -> list[signal.Signals]:
+    """`["SIGTERM", "SIGUSR1"]` -> signals; a ConfigError naming `train.exit_signals` otherwise."""
+    found = []
+    for name in names:
+        sig = getattr(signal.Signals, str(name).upper(), None)
+        if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise ConfigError("train.exit_signals",
+                              f"{name!r} is not a signal a process can catch (e.g. SIGTERM, SIGUSR1)")
+        found.append(sig)
+    return found
+
+
 @dataclass
 class TrainConfig:
     steps: int = 100
@@ -107,8 +120,16 @@ class TrainConfig:
     # in <run_dir>/profile (trainer/profiling.py)
     profile_steps: list[int] | None = None
     profile_ranks: list[int] = field(default_factory=lambda: [0])
+    # stop at the next step boundary with a checkpoint on these signals (exit 128 + signal), or
+    # once this much wall time has passed (exit 0): trainer/preemption.py
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM"])
+    time_limit_minutes: float | None = None
 
     def __post_init__(self) -> None:
+        parse_signals(self.exit_signals)
+        if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
+            raise ConfigError("train.time_limit_minutes",
+                              f"{self.time_limit_minutes} is not a positive number of minutes")
         if self.profile_steps is not None and not (
                 len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <= self.profile_steps[1]):
             raise ConfigError("train.profile_steps",

@@ -35,9 +35,10 @@ from kiln.paths import write_text
 from kiln.progress import counter
 from tensor_parallel import check_model_fits, micro_batches_per_step, runtime
 from trainer import checkpoint
-from trainer.config import RunConfig
+from trainer.config import RunConfig, parse_signals
 from trainer.metrics import MetricsWriter, flops_per_token, peak_memory_gb, peak_tflops
 from trainer.model import check_model_config, padded_vocab_size
+from trainer.preemption import GracefulStop, StopRequested
 from trainer.profiling import StepProfiler
 from trainer.stages import Batch, Stage, stage_class
 
@@ -332,8 +333,12 @@ def _step_record(t: Trainer, result: dict[str, float] | None, tokens_per_s: floa
     return record
 
 
-def train(cfg: RunConfig) -> TrainState:
-    """Train `cfg.train.steps` steps (resuming from the latest checkpoint when there is one)."""
+def train(cfg: RunConfig, started: float | None = None) -> TrainState:
+    """Train `cfg.train.steps` steps (resuming from the latest checkpoint when there is one).
+
+    Raises `StopRequested` after saving when a signal or `train.time_limit_minutes` (counted from
+    `started`, a `time.monotonic()` value; default now) ends the run early."""
+    started = time.monotonic() if started is None else started
     t = build_trainer(cfg)
     checkpoint.restore(t)
     writer = MetricsWriter(cfg.run_dir, runtime.is_logging_rank(), start_step=t.state.step)
@@ -355,10 +360,12 @@ def train(cfg: RunConfig) -> TrainState:
     chunks = len(t.model)
     iters = [t.stage.train_batches(t.state.consumed_samples) for _ in range(chunks)]
     iterator = iters if chunks > 1 else iters[0]
-    bad_in_a_row, tokens, started = 0, 0, time.perf_counter()
+    bad_in_a_row, tokens, window = 0, 0, time.perf_counter()
     profiler = StepProfiler(cfg.run_dir, tr.profile_steps, tr.profile_ranks,
                             runtime.rank(), runtime.on_gpu())
-    with counter(f"{cfg.stage}", total=tr.steps, enabled=runtime.is_logging_rank()) as progress:
+    stop: StopRequested | None = None
+    with counter(f"{cfg.stage}", total=tr.steps, enabled=runtime.is_logging_rank()) as progress, \
+            GracefulStop(parse_signals(tr.exit_signals), tr.time_limit_minutes, started) as stopper:
         progress.advance(t.state.step)
         while t.state.step < tr.steps:
             t.stage.before_step(t.state.step, t.model)
@@ -375,12 +382,16 @@ def train(cfg: RunConfig) -> TrainState:
             else:
                 bad_in_a_row = 0
             last = step == tr.steps
-            evaluate = bool(tr.eval_every and step % tr.eval_every == 0) or last
+            # a stop asked for now (a signal, the time limit) ends the run after this step: its
+            # metrics are written, the evaluation due at this step is left to the resumed run
+            requested = None if last else stopper.poll()
+            evaluate = (bool(tr.eval_every and step % tr.eval_every == 0) or last) \
+                and requested is None
             record: dict[str, Any] = {}
-            if step % tr.log_every == 0 or last or evaluate or not applied:
-                elapsed = time.perf_counter() - started
+            if step % tr.log_every == 0 or last or evaluate or not applied or requested:
+                elapsed = time.perf_counter() - window
                 record = _step_record(t, result, tokens / max(elapsed, 1e-9), flops, peak)
-                tokens, started = 0, time.perf_counter()
+                tokens, window = 0, time.perf_counter()
             if evaluate:
                 val = t.evaluate()
                 if val is not None:
@@ -393,10 +404,18 @@ def train(cfg: RunConfig) -> TrainState:
             if bad_in_a_row >= tr.max_bad_steps:
                 raise BadStepsError(f"stopping at step {step}: {bad_in_a_row} consecutive steps "
                                     "had a NaN/Inf loss or gradient")
+            saved = None
             if cfg.checkpoint.save and ((tr.save_every and step % tr.save_every == 0) or last):
-                checkpoint.save(t)
+                saved = checkpoint.save(t)
+            if requested is not None:
+                if cfg.checkpoint.save and saved is None:
+                    saved = checkpoint.save(t)
+                stop = StopRequested(step, *requested, saved)
+                break
     profiler.close()
     writer.close()
+    if stop is not None:
+        raise stop
     return t.state
 
 

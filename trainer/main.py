@@ -1,7 +1,9 @@
 """The torchrun entry: `torchrun trainer/main.py --config FILE.yaml [--set key=value ...]`.
 
 Also runs as `python trainer/main.py ...` (a group of one). Configuration errors exit with 2 and
-one line naming the key, no traceback.
+one line naming the key, no traceback. A run stopped early by a signal saves a checkpoint and
+exits with 128 + the signal's number; one stopped by `train.time_limit_minutes` saves and exits
+with 0 (trainer/preemption.py).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 if __package__ in (None, ""):  # `python trainer/main.py`: make the repository importable
@@ -29,12 +32,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str]) -> int:
+    started = time.monotonic()  # train.time_limit_minutes counts from here
     args = parse_args(argv)
     from trainer.config import load_run_config
 
     cfg = load_run_config(args.config, args.set)
     from tensor_parallel import runtime
     from trainer.loop import train
+    from trainer.preemption import StopRequested
 
     p = cfg.parallel
     runtime.init(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, seed=cfg.train.seed)
@@ -43,7 +48,11 @@ def main(argv: Sequence[str]) -> int:
             os.makedirs(cfg.run_dir, exist_ok=True)
             with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
                 f.write(dump_yaml(cfg))
-        state = train(cfg)
+        state = train(cfg, started)
+    except StopRequested as stop:
+        runtime.shutdown()
+        log.warning("%s", stop)
+        return stop.exit_code
     except BaseException:
         runtime.abort()
         raise

@@ -105,7 +105,8 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
         ax.plot(*zip(*valid, strict=True), "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    if train or valid:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

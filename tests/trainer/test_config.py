@@ -28,6 +28,9 @@ def test_tiny_config_loads_with_overrides(tiny_config: str) -> None:
     ("train.profile_steps=[3,2]", "train.profile_steps"),
     ("train.profile_steps=[0,2]", "train.profile_steps"),
     ("train.profile_steps=[4]", "train.profile_steps"),
+    ("train.exit_signals=[SIGKILL]", "train.exit_signals"),
+    ("train.exit_signals=[SIGNOPE]", "train.exit_signals"),
+    ("train.time_limit_minutes=0", "train.time_limit_minutes"),
 ])
 def test_bad_keys_are_named(tiny_config: str, override: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
