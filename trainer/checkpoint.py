@@ -116,30 +116,104 @@ def _state_dict(t: Trainer, *, optimizer: dict | None, rng: bool, is_loading: bo
     return sd
 
 
-def save(t: Trainer) -> str:
-    """Save everything a resume needs; returns the checkpoint directory."""
-    root = checkpoint_root(t.cfg)
-    name = f"step-{t.state.step:08d}"
-    final = os.path.join(root, name)
-    partial = os.path.join(root, f".partial-{name}")
-    if runtime.rank() == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-    runtime.barrier()
-    sd = _state_dict(t, optimizer=_METADATA, rng=True, is_loading=False)
-    sd.update(stage=t.stage.sharded_state_dict(), scheduler=t.scheduler.state_dict(),
-              train_state=dataclasses.asdict(t.state), layout=_layout_key(),
-              config=dump_yaml(t.cfg))
-    dist_checkpointing.save(sd, partial, content_metadata=_METADATA)
-    runtime.barrier()
-    if runtime.rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        write_text(os.path.join(root, LATEST), name + "\n")
-        _prune(root, keep=t.cfg.checkpoint.keep_last, current=name)
-    runtime.barrier()
-    log.info("checkpoint saved: %s", final)
-    return final
+class Saver:
+    """Writes a run's checkpoints (`save`), as Megatron-LM does with `--ckpt-format torch_dist`:
+
+    - fully parallel (`checkpoint.fully_parallel_save`, default on): tensors that data-parallel
+      (and context-parallel) ranks hold alike are written by one of them each, spread evenly,
+      instead of all by DP rank 0 (megatron's `FullyParallelSaveStrategyWrapper`; the spread is
+      computed at the first save and reused);
+    - asynchronous (`checkpoint.async_save`, default off): a save captures the state (a copy to
+      host memory on GPU; on CPU the forked writer's own copy of memory) and training goes on
+      while a background process writes it. The checkpoint is renamed into place and `latest`
+      moved only once every rank's writer is done (`poll` at each step boundary, `wait` before
+      the next save and at the end), so a crash at any moment still leaves the previous one.
+
+    Every method is called on every rank."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self._strategy = None
+        self._queue = None
+        if cfg.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
+
+    def _sharded_strategy(self):
+        if self._strategy is None:
+            from megatron.core.dist_checkpointing.serialization import (
+                get_default_save_sharded_strategy,
+            )
+            from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+                FullyParallelSaveStrategyWrapper,
+            )
+
+            self._strategy = get_default_save_sharded_strategy()
+            group = ps.get_data_parallel_group(with_context_parallel=True)
+            if self.cfg.checkpoint.fully_parallel_save and group.size() > 1:
+                self._strategy = FullyParallelSaveStrategyWrapper(
+                    self._strategy, group, do_cache_distribution=True)
+        return self._strategy
+
+    def save(self, t: Trainer) -> str:
+        """Save everything a resume needs; returns the checkpoint directory (with async saves,
+        where it will be once written)."""
+        self.wait()
+        root = checkpoint_root(t.cfg)
+        name = f"step-{t.state.step:08d}"
+        final = os.path.join(root, name)
+        partial = os.path.join(root, f".partial-{name}")
+        if runtime.rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        runtime.barrier()
+        sd = _state_dict(t, optimizer=_METADATA, rng=True, is_loading=False)
+        sd.update(stage=t.stage.sharded_state_dict(), scheduler=t.scheduler.state_dict(),
+                  train_state=dataclasses.asdict(t.state), layout=_layout_key(),
+                  config=dump_yaml(t.cfg))
+        keep = t.cfg.checkpoint.keep_last
+
+        def publish() -> None:  # the previous checkpoint stays `latest` until this one is whole
+            runtime.barrier()
+            if runtime.rank() == 0:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(partial, final)
+                write_text(os.path.join(root, LATEST), name + "\n")
+                _prune(root, keep=keep, current=name)
+            runtime.barrier()
+            log.info("checkpoint saved: %s", final)
+
+        request = dist_checkpointing.save(sd, partial, self._sharded_strategy(),
+                                          async_sharded_save=self._queue is not None,
+                                          content_metadata=_METADATA)
+        if request is None:
+            publish()
+        else:
+            request.add_finalize_fn(publish)
+            self._queue.schedule_async_request(request)
+            log.info("checkpoint %s: writing in the background", name)
+        return final
+
+    def poll(self) -> None:
+        """Publish the background saves that every rank has finished writing."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Finish and publish every background save."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self, abort: bool = False) -> None:
+        """`wait`, or on an error stop the writers (the unfinished save stays unpublished)."""
+        if self._queue is None:
+            return
+        if not abort:
+            self.wait()
+            return
+        while self._queue.async_calls:  # megatron's queue.close(abort=True) spares these
+            self._queue.async_calls.popleft().async_caller.close(abort=True)
 
 
 def _prune(root: str, keep: int, current: str) -> None:

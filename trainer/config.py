@@ -154,6 +154,11 @@ class CheckpointConfig:
     dir: str | None = None  # None: <run_dir>/checkpoints
     keep_last: int = 2
     resume: bool = True  # continue from <dir>/latest when it exists
+    # the writes spread over the data-parallel ranks instead of all on DP rank 0 (Megatron-LM's
+    # --ckpt-fully-parallel-save), and written by a background process while training goes on
+    # (--async-save); trainer/checkpoint.py `Saver`
+    fully_parallel_save: bool = True
+    async_save: bool = False
 
 
 @dataclass

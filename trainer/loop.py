@@ -333,37 +333,15 @@ def _step_record(t: Trainer, result: dict[str, float] | None, tokens_per_s: floa
     return record
 
 
-def train(cfg: RunConfig, started: float | None = None) -> TrainState:
-    """Train `cfg.train.steps` steps (resuming from the latest checkpoint when there is one).
-
-    Raises `StopRequested` after saving when a signal or `train.time_limit_minutes` (counted from
-    `started`, a `time.monotonic()` value; default now) ends the run early."""
-    started = time.monotonic() if started is None else started
-    t = build_trainer(cfg)
-    checkpoint.restore(t)
-    writer = MetricsWriter(cfg.run_dir, runtime.is_logging_rank(), start_step=t.state.step)
-    m, tr = cfg.model, cfg.train
-    flops = flops_per_token(num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.ffn_hidden_size,
-                            heads=m.num_attention_heads,
-                            kv_heads=m.num_query_groups or m.num_attention_heads,
-                            vocab=padded_vocab_size(t.stage.vocab_size(),
-                                                    m.make_vocab_size_divisible_by, cfg.parallel.tp),
-                            seq_length=tr.seq_length)
-    peak = peak_tflops(m.fp8 is not None)
-    if t.state.step >= tr.steps:  # nothing to train: evaluate the loaded weights
-        t.stage.before_evaluate(t.state.step, t.model)
-        val = t.evaluate()
-        if runtime.is_logging_rank() and val is not None:
-            record = {"step": t.state.step, **{f"val_{k}": v for k, v in val.items()}}
-            write_text(os.path.join(cfg.run_dir, "eval.json"), json.dumps(record) + "\n")
-        return t.state
+def _train_steps(t: Trainer, cfg: RunConfig, saver: checkpoint.Saver, writer: MetricsWriter,
+                 profiler: StepProfiler, flops: float, peak: float | None, started: float) -> None:
+    """The steps from `t.state.step` to `train.steps`: metrics, evaluation, checkpoints; raises
+    `StopRequested` (after saving) when a signal or the time limit ends the run early."""
+    tr = cfg.train
     chunks = len(t.model)
     iters = [t.stage.train_batches(t.state.consumed_samples) for _ in range(chunks)]
     iterator = iters if chunks > 1 else iters[0]
     bad_in_a_row, tokens, window = 0, 0, time.perf_counter()
-    profiler = StepProfiler(cfg.run_dir, tr.profile_steps, tr.profile_ranks,
-                            runtime.rank(), runtime.on_gpu())
-    stop: StopRequested | None = None
     with counter(f"{cfg.stage}", total=tr.steps, enabled=runtime.is_logging_rank()) as progress, \
             GracefulStop(parse_signals(tr.exit_signals), tr.time_limit_minutes, started) as stopper:
         progress.advance(t.state.step)
@@ -404,20 +382,56 @@ def train(cfg: RunConfig, started: float | None = None) -> TrainState:
             if bad_in_a_row >= tr.max_bad_steps:
                 raise BadStepsError(f"stopping at step {step}: {bad_in_a_row} consecutive steps "
                                     "had a NaN/Inf loss or gradient")
+            saver.poll()
             saved = None
             if cfg.checkpoint.save and ((tr.save_every and step % tr.save_every == 0) or last):
-                saved = checkpoint.save(t)
+                saved = saver.save(t)
             if requested is not None:
                 if cfg.checkpoint.save and saved is None:
-                    saved = checkpoint.save(t)
-                stop = StopRequested(step, *requested, saved)
-                break
+                    saved = saver.save(t)
+                raise StopRequested(step, *requested, saved)
+
+
+def train(cfg: RunConfig, started: float | None = None) -> TrainState:
+    """Train `cfg.train.steps` steps (resuming from the latest checkpoint when there is one).
+
+    Raises `StopRequested` after saving when a signal or `train.time_limit_minutes` (counted from
+    `started`, a `time.monotonic()` value; default now) ends the run early."""
+    started = time.monotonic() if started is None else started
+    t = build_trainer(cfg)
+    checkpoint.restore(t)
+    writer = MetricsWriter(cfg.run_dir, runtime.is_logging_rank(), start_step=t.state.step)
+    m, tr = cfg.model, cfg.train
+    flops = flops_per_token(num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.ffn_hidden_size,
+                            heads=m.num_attention_heads,
+                            kv_heads=m.num_query_groups or m.num_attention_heads,
+                            vocab=padded_vocab_size(t.stage.vocab_size(),
+                                                    m.make_vocab_size_divisible_by, cfg.parallel.tp),
+                            seq_length=tr.seq_length)
+    peak = peak_tflops(m.fp8 is not None)
+    if t.state.step >= tr.steps:  # nothing to train: evaluate the loaded weights
+        t.stage.before_evaluate(t.state.step, t.model)
+        val = t.evaluate()
+        if runtime.is_logging_rank() and val is not None:
+            record = {"step": t.state.step, **{f"val_{k}": v for k, v in val.items()}}
+            write_text(os.path.join(cfg.run_dir, "eval.json"), json.dumps(record) + "\n")
+        return t.state
+    profiler = StepProfiler(cfg.run_dir, tr.profile_steps, tr.profile_ranks,
+                            runtime.rank(), runtime.on_gpu())
+    stop: StopRequested | None = None
+    saver = checkpoint.Saver(cfg)
+    try:
+        _train_steps(t, cfg, saver, writer, profiler, flops, peak, started)
+    except StopRequested as stopped:
+        stop = stopped
+    except BaseException:
+        saver.close(abort=True)
+        raise
+    saver.close()
     profiler.close()
     writer.close()
     if stop is not None:
         raise stop
     return t.state
-
-
 __all__ = ["BadStepsError", "TrainState", "Trainer", "build_trainer", "forward_only",
            "memory_estimate", "memory_warning", "train"]

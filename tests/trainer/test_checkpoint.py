@@ -38,8 +38,8 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def resume(run_dir: Path) -> None:
-    proc = start(run_dir)
+def resume(run_dir: Path, *extra: str) -> None:
+    proc = start(run_dir, *extra)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-4000:]
 
@@ -56,22 +56,32 @@ def _latest(ckpt: Path) -> str:
     return marker.read_text().strip() if marker.exists() else ""
 
 
-def test_sigkill_after_checkpoint_resumes_exactly(uninterrupted: Path, tmp_path: Path) -> None:
+# checkpoint.async_save: the writes go on in a background process while training continues, and
+# a checkpoint becomes `latest` only once written whole
+SAVING = pytest.mark.parametrize("saving", [[], ["checkpoint.async_save=true"]],
+                                 ids=["sync", "async"])
+
+
+@SAVING
+def test_sigkill_after_checkpoint_resumes_exactly(uninterrupted: Path, tmp_path: Path,
+                                                  saving: list[str]) -> None:
     run = tmp_path / "killed"
-    proc = start(run)
+    proc = start(run, *saving)
     kill_when(proc, lambda: _latest(run / "checkpoints") >= "step-00000006")
     killed_at = int(_latest(run / "checkpoints").removeprefix("step-"))
     assert killed_at < 30
-    resume(run)
+    resume(run, *saving)
     assert [r["step"] for r in metrics(run)] == list(range(1, 31))
     assert losses(run) == pytest.approx(losses(uninterrupted), abs=1e-6, rel=0)
     assert val_loss(run) == pytest.approx(val_loss(uninterrupted), abs=1e-6, rel=0)
 
 
-def test_sigkill_during_save_keeps_previous_checkpoint(uninterrupted: Path, tmp_path: Path) -> None:
+@SAVING
+def test_sigkill_during_save_keeps_previous_checkpoint(uninterrupted: Path, tmp_path: Path,
+                                                       saving: list[str]) -> None:
     run = tmp_path / "killed_in_save"
     ckpt = run / "checkpoints"
-    proc = start(run, "train.save_every=1")
+    proc = start(run, "train.save_every=1", *saving)
 
     def saving_after_first() -> bool:
         return _latest(ckpt) != "" and any(p.name.startswith(".partial-") for p in ckpt.iterdir())
@@ -79,7 +89,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(uninterrupted: Path, tmp_
     kill_when(proc, saving_after_first)
     previous = _latest(ckpt)
     assert (ckpt / previous / "metadata.json").exists()
-    resume(run)
+    resume(run, *saving)
     assert losses(run) == pytest.approx(losses(uninterrupted), abs=1e-6, rel=0)
     assert not any(p.name.startswith(".partial-") for p in ckpt.iterdir())
 
@@ -146,11 +156,12 @@ def _worker_of_rank(agent: int, rank: int) -> int:
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(uninterrupted: Path,
                                                                     tmp_path: Path) -> None:
     """SIGTERM to rank 1 alone (rank 0 writes metrics and the `latest` marker): the ranks agree,
-    save one complete checkpoint after the same step and stop; torchrun resumes it exactly."""
+    save one complete checkpoint after the same step and stop; torchrun resumes it exactly.
+    With async saves across two ranks: the stop waits for the background writes."""
     run = tmp_path / "dp2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(ROOT / "trainer" / "main.py"), "--config", TINY, "--set", *RUN,
-           "train.save_every=0", f"run_dir={run}"]
+           "checkpoint.async_save=true", "train.save_every=0", f"run_dir={run}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_step(proc, run, 3)
@@ -226,6 +237,14 @@ def test_resume_under_another_layout_continues_exactly(resharded: Path, name: st
     assert [r["step"] for r in metrics(resharded / name)] == [4, 5, 6]
     assert losses(resharded / name) == pytest.approx(losses(ref)[3:], abs=1e-5, rel=0)
     assert val_loss(resharded / name) == pytest.approx(val_loss(ref), abs=1e-5, rel=0)
+
+
+def test_data_parallel_ranks_share_the_writes(resharded: Path) -> None:
+    """checkpoint.fully_parallel_save: at DP=2 each rank writes about half of the tensor bytes
+    (without it DP rank 0 writes nearly all), and the resumes above read them back."""
+    step = resharded / "save_dp2_to_dp1" / "checkpoints" / "step-00000003"
+    written = [sum(f.stat().st_size for f in step.glob(f"__{rank}_*.distcp")) for rank in (0, 1)]
+    assert min(written) > 0.4 * sum(written), written
 
 
 def test_switching_optimizer_restarts_moments(resharded: Path) -> None:
