@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 _FORMAT = "%(asctime)s %(levelname)s %(rank)s%(name)s: %(message)s"
 _configured = False
@@ -23,20 +24,37 @@ class _RankFilter(logging.Filter):
         return True
 
 
+# Libraries whose INFO lines restate what ours say, or dump whole configurations (megatron prints
+# every DDP/optimizer config field and the parameter list of each gradient bucket): WARNING and
+# up unless the level asked for is DEBUG.
+_NOISY = ("apache_beam", "urllib3", "fsspec", "matplotlib", "datatrove", "megatron")
+# Warnings that are expected here and say nothing actionable: megatron-core falls back to torch
+# kernels without Apex/Transformer Engine (the CPU backend and plain-torch GPU runs use those on
+# purpose; a TE run logs its spec), and its DistributedOptimizer.zero_grad reads `.grad` of the
+# non-leaf views it keeps over the main-gradient buffer.
+_EXPECTED_WARNINGS = (
+    (r".*(Apex|Transformer Engine and Apex) (is|are) not installed", r"megatron\."),
+    (r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed", r""),
+)
+
+
 def setup_logging(level: str | int | None = None) -> None:
     """Configure the root logger once; level from the argument or KILN_LOG_LEVEL (default INFO)."""
     global _configured
     level = level or os.environ.get("KILN_LOG_LEVEL", "INFO")
+    level = level if isinstance(level, int) else logging.getLevelName(level.upper())
     root = logging.getLogger()
     if not _configured:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         handler.addFilter(_RankFilter())
         root.handlers[:] = [handler]
-        for noisy in ("apache_beam", "urllib3", "fsspec", "matplotlib", "datatrove"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        for message, module in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
         _configured = True
-    root.setLevel(level if isinstance(level, int) else level.upper())
+    for noisy in _NOISY:
+        logging.getLogger(noisy).setLevel(logging.NOTSET if level <= logging.DEBUG else logging.WARNING)
+    root.setLevel(level)
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -85,6 +85,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=m.qkv_bias,
         hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
+        cuda_graph_scope=[],  # megatron's default ("full") is deprecated by itself and warns
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp if p.vpp and p.vpp > 1 else None,
         context_parallel_size=p.cp, sequence_parallel=p.sequence_parallel,
