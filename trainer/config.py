@@ -64,6 +64,13 @@ class ParallelConfig:
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # a collective that waits longer fails the run (a hung or dead rank), as Megatron-LM's
+    # --distributed-timeout-minutes; leave room for the longest save or evaluation
+    timeout_minutes: int = 30
+
+    def __post_init__(self) -> None:
+        if self.timeout_minutes < 1:
+            raise ConfigError("parallel.timeout_minutes", f"{self.timeout_minutes} is below 1")
 
 
 @dataclass

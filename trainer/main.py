@@ -42,7 +42,8 @@ def main(argv: Sequence[str]) -> int:
     from trainer.preemption import StopRequested
 
     p = cfg.parallel
-    runtime.init(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, seed=cfg.train.seed)
+    runtime.init(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, seed=cfg.train.seed,
+                 timeout_minutes=p.timeout_minutes)
     try:
         if runtime.rank() == 0:
             os.makedirs(cfg.run_dir, exist_ok=True)
