@@ -316,6 +316,21 @@ def _why_moments_restart(t: Trainer, common: dict, metadata: dict, same_split: b
     return None
 
 
+def _load_strategy(cfg: Any, path: str) -> Any:
+    """`checkpoint.fully_parallel_load`: the DP×CP ranks that need the same tensors each read a
+    share from storage and exchange the rest (Megatron-LM's --ckpt-fully-parallel-load), instead
+    of every one of them reading everything; None: megatron's default reader."""
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    if not cfg.checkpoint.fully_parallel_load or group.size() == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), group)
+
+
 @torch.no_grad()
 def restore(t: Trainer) -> None:
     """Resume from `<checkpoint dir>/latest`, else start from `init.checkpoint`, else do nothing."""
@@ -344,7 +359,7 @@ def restore(t: Trainer) -> None:
                      is_loading=True)
     if "stage" in common:  # absent from checkpoints older than the stage hook
         sd["stage"] = t.stage.sharded_state_dict(per_rank=saved == now)
-    loaded = dist_checkpointing.load(sd, path)
+    loaded = dist_checkpointing.load(sd, path, _load_strategy(cfg, path))
     for i, chunk in enumerate(t.model):
         unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
     for key, value in common["train_state"].items():

@@ -166,6 +166,9 @@ class CheckpointConfig:
     # (--async-save); trainer/checkpoint.py `Saver`
     fully_parallel_save: bool = True
     async_save: bool = False
+    # a resume's reads spread over the DP×CP ranks, exchanged over the network (Megatron-LM's
+    # --ckpt-fully-parallel-load; off there too: it holds an extra copy while exchanging)
+    fully_parallel_load: bool = False
 
 
 @dataclass

@@ -212,6 +212,7 @@ RESHARDS = {
                           "ref4"),
     "cp2_to_cp2": (2, ["parallel.cp=2"], 2, ["parallel.cp=2"], "ref"),  # RNG keyed by CP rank
     "cp2_to_cp1": (2, ["parallel.cp=2"], 1, [], "ref"),
+    "dp2_parallel_load": (2, [], 2, ["checkpoint.fully_parallel_load=true"], "ref"),
     "switch_optimizer": (1, [], 1, [PLAIN], "ref"),  # the one case where moments restart
 }
 
