@@ -4,10 +4,9 @@ continues it. Megatron-LM's `--exit-signal-handler` and `--exit-duration-in-mins
 
 - `train.exit_signals` (default `[SIGTERM]`): Kubernetes, SLURM and torchrun all send SIGTERM
   before they kill. Under torchrun the agent forwards it to every worker and sends SIGKILL 30 s
-  later, so a save that takes longer needs a planned stop instead (below, or SLURM's
-  `--signal=TERM@<seconds>` sent to the workers directly). The run exits with 128 + the signal's
-  number (143 for SIGTERM), as a process the signal ended would, so a wrapper can tell it apart
-  from a finished run.
+  later, so a run whose step and save take longer needs a planned stop (below). The run exits
+  with 128 + the signal's number (143 for SIGTERM), as a process the signal ended would, so a
+  wrapper can tell it apart from a finished run.
 - `train.time_limit_minutes`: the run stops at the first step boundary past that wall time,
   counted from the trainer's start, and exits with 0. Leave room for one step and a save.
 
