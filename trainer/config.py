@@ -131,12 +131,16 @@ class TrainConfig:
     # once this much wall time has passed (exit 0): trainer/preemption.py
     exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM"])
     time_limit_minutes: float | None = None
+    # a step (with its evaluation and save) that runs longer logs every thread's Python stack,
+    # and again each interval (a hung collective shows where it waits): trainer/watchdog.py
+    hang_dump_minutes: float | None = None
 
     def __post_init__(self) -> None:
         parse_signals(self.exit_signals)
-        if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
-            raise ConfigError("train.time_limit_minutes",
-                              f"{self.time_limit_minutes} is not a positive number of minutes")
+        for key in ("time_limit_minutes", "hang_dump_minutes"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"train.{key}", f"{value} is not a positive number of minutes")
         if self.profile_steps is not None and not (
                 len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <= self.profile_steps[1]):
             raise ConfigError("train.profile_steps",

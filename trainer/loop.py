@@ -41,6 +41,7 @@ from trainer.model import check_model_config, padded_vocab_size
 from trainer.preemption import GracefulStop, StopRequested
 from trainer.profiling import StepProfiler
 from trainer.stages import Batch, Stage, stage_class
+from trainer.watchdog import HangWatchdog
 
 log = get_logger(__name__)
 
@@ -343,9 +344,11 @@ def _train_steps(t: Trainer, cfg: RunConfig, saver: checkpoint.Saver, writer: Me
     iterator = iters if chunks > 1 else iters[0]
     bad_in_a_row, tokens, window = 0, 0, time.perf_counter()
     with counter(f"{cfg.stage}", total=tr.steps, enabled=runtime.is_logging_rank()) as progress, \
-            GracefulStop(parse_signals(tr.exit_signals), tr.time_limit_minutes, started) as stopper:
+            GracefulStop(parse_signals(tr.exit_signals), tr.time_limit_minutes, started) as stopper, \
+            HangWatchdog(tr.hang_dump_minutes) as watchdog:
         progress.advance(t.state.step)
         while t.state.step < tr.steps:
+            watchdog.step(t.state.step + 1)
             t.stage.before_step(t.state.step, t.model)
             profiler.before(t.state.step + 1)
             applied, result = t.train_step(iterator)

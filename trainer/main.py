@@ -9,6 +9,7 @@ with 0 (trainer/preemption.py).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     started = time.monotonic()  # train.time_limit_minutes counts from here
+    faulthandler.enable()  # a crash in native code leaves its Python stack
     args = parse_args(argv)
     from trainer.config import load_run_config
 

@@ -32,6 +32,7 @@ def test_tiny_config_loads_with_overrides(tiny_config: str) -> None:
     ("train.exit_signals=[SIGNOPE]", "train.exit_signals"),
     ("train.time_limit_minutes=0", "train.time_limit_minutes"),
     ("parallel.timeout_minutes=0", "parallel.timeout_minutes"),
+    ("train.hang_dump_minutes=-1", "train.hang_dump_minutes"),
 ])
 def test_bad_keys_are_named(tiny_config: str, override: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -122,6 +122,19 @@ def test_profile_steps_write_a_trace_and_an_op_table(tmp_path: Path) -> None:
     assert [r["loss"] for r in metrics(tmp_path / "off")] == [r["loss"] for r in metrics(tmp_path / "on")]
 
 
+def test_a_slow_step_dumps_every_threads_stack(tmp_path: Path) -> None:
+    """train.hang_dump_minutes (here 12 ms, well under a step): the stacks go to stderr while
+    the step runs, and the run carries on to the end."""
+    proc = run_main("--set", "train.steps=2", "train.log_every=1", "train.hang_dump_minutes=0.0002",
+                    "checkpoint.save=false", f"run_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 1 has run for 0.0 min (train.hang_dump_minutes)" in proc.stderr
+    assert "thread MainThread:" in proc.stderr and "in _train_steps" in proc.stderr
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+    quiet = run_main("--set", "train.steps=1", "checkpoint.save=false", f"run_dir={tmp_path / 'off'}")
+    assert quiet.returncode == 0 and "has run for" not in quiet.stderr
+
+
 @pytest.mark.slow
 def test_cpu_benchmark_runs_and_ends_with_its_json_line() -> None:
     """`bench/train_step.py` end to end, shrunk (no timing is asserted: the machine is shared)."""
