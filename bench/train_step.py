@@ -9,7 +9,8 @@ about 2% of a step on either side); `--same-allocator` gives the HF loop that se
 
     python bench/train_step.py [--steps 12] [--rounds 7] [--threads 1] [--same-allocator]
 
-Last line: {"ours_tokens_per_s": ..., "hf_tokens_per_s": ..., "ratio": ..., "goal": 1.0}
+Last line: {"ours_tokens_per_s": ..., "hf_tokens_per_s": ..., "ratio": ..., "best_ratio": ...,
+            "goal": 1.0}
 
 GPU (`--gpu`, one H100/H200): `trainer/configs/llama-1b.yaml` shaped like Llama-3.2-1B (Llama 3
 vocabulary) at sequence 4096 in bf16 on the committed sample tokens, then, when Transformer Engine
@@ -203,11 +204,14 @@ def main() -> None:
     print("per-round ratios: " + ", ".join(f"{r:.3f}" for r in ratios))
     mine_median, theirs_median = statistics.median(mine), statistics.median(theirs)
     print(f"tiny Llama {MODEL}, batch {BATCH}×{SEQ}, fp32, {torch.get_num_threads()} threads")
-    print(f"ours (megatron-core trainer): {mine_median:,.0f} tokens/s (median of rounds)")
-    print(f"Hugging Face LlamaForCausalLM: {theirs_median:,.0f} tokens/s (median of rounds)")
+    print(f"ours (megatron-core trainer): {mine_median:,.0f} tokens/s median, {max(mine):,.0f} best")
+    print(f"Hugging Face LlamaForCausalLM: {theirs_median:,.0f} tokens/s median, {max(theirs):,.0f} best")
+    # `ratio`: the median of the per-round ratios; `best_ratio`: each side's least disturbed
+    # round (a shared host only ever slows a run down, so the fastest is the closest to its speed)
     print(json.dumps({"ours_tokens_per_s": round(mine_median, 1),
                       "hf_tokens_per_s": round(theirs_median, 1),
-                      "ratio": round(statistics.median(ratios), 3), "goal": 1.0,
+                      "ratio": round(statistics.median(ratios), 3),
+                      "best_ratio": round(max(mine) / max(theirs), 3), "goal": 1.0,
                       "same_allocator": args.same_allocator}))
 
 

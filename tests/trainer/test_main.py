@@ -144,3 +144,4 @@ def test_cpu_benchmark_runs_and_ends_with_its_json_line() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last["ours_tokens_per_s"] > 0 and last["hf_tokens_per_s"] > 0 and last["goal"] == 1.0
+    assert last["ratio"] > 0 and last["best_ratio"] > 0
