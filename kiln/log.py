@@ -30,11 +30,15 @@ class _RankFilter(logging.Filter):
 _NOISY = ("apache_beam", "urllib3", "fsspec", "matplotlib", "datatrove", "megatron")
 # Warnings that are expected here and say nothing actionable: megatron-core falls back to torch
 # kernels without Apex/Transformer Engine (the CPU backend and plain-torch GPU runs use those on
-# purpose; a TE run logs its spec), and its DistributedOptimizer.zero_grad reads `.grad` of the
-# non-leaf views it keeps over the main-gradient buffer.
+# purpose; a TE run logs its spec), its DistributedOptimizer.zero_grad reads `.grad` of the
+# non-leaf views it keeps over the main-gradient buffer, and its checkpoint loader calls torch
+# APIs that torch has deprecated (megatron's to move off, not ours).
 _EXPECTED_WARNINGS = (
-    (r".*(Apex|Transformer Engine and Apex) (is|are) not installed", r"megatron\."),
-    (r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed", r""),
+    (r".*(Apex|Transformer Engine and Apex) (is|are) not installed", r"megatron\.", UserWarning),
+    (r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed", r"",
+     UserWarning),
+    (r"`load_state_dict` is deprecated and will be removed", r"megatron\.", FutureWarning),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", r"", FutureWarning),
 )
 
 
@@ -49,8 +53,8 @@ def setup_logging(level: str | int | None = None) -> None:
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         handler.addFilter(_RankFilter())
         root.handlers[:] = [handler]
-        for message, module in _EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
+        for message, module, category in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
         _configured = True
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.NOTSET if level <= logging.DEBUG else logging.WARNING)
