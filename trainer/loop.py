@@ -373,6 +373,8 @@ def _train_steps(t: Trainer, cfg: RunConfig, saver: checkpoint.Saver, writer: Me
                 elapsed = time.perf_counter() - window
                 record = _step_record(t, result, tokens / max(elapsed, 1e-9), flops, peak)
                 tokens, window = 0, time.perf_counter()
+                if requested is not None:
+                    record["stopped"] = requested[0]
             if evaluate:
                 val = t.evaluate()
                 if val is not None:

@@ -114,6 +114,8 @@ def stopped_cleanly(proc: subprocess.Popen, run: Path, reason: str) -> int:
     assert _latest(run / "checkpoints") == f"step-{stopped:08d}"
     assert (run / "checkpoints" / f"step-{stopped:08d}" / "metadata.json").exists()
     assert [r["step"] for r in metrics(run)] == list(range(1, stopped + 1))
+    assert metrics(run)[-1]["stopped"] == reason
+    assert not any("stopped" in r for r in metrics(run)[:-1])
     return stopped
 
 
