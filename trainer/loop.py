@@ -364,7 +364,8 @@ def _train_steps(t: Trainer, cfg: RunConfig, saver: checkpoint.Saver, writer: Me
                 bad_in_a_row = 0
             last = step == tr.steps
             # a stop asked for now (a signal, the time limit) ends the run after this step: its
-            # metrics are written, the evaluation due at this step is left to the resumed run
+            # metrics are written and its checkpoint saved; an evaluation due at this step is
+            # skipped, not to spend the time a scheduler grants before it kills
             requested = None if last else stopper.poll()
             evaluate = (bool(tr.eval_every and step % tr.eval_every == 0) or last) \
                 and requested is None
