@@ -26,7 +26,8 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import Float16Module, param_is_not_shared
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from kiln.errors import ConfigError, UsageError
@@ -320,11 +321,30 @@ def memory_warning(estimate: Any, cfg: RunConfig, capacity: int) -> str | None:
             f"{capacity / gib:.0f}` lists the layouts and recomputation that fit")
 
 
+@torch.no_grad()
+def params_norm(optimizer: Any) -> float:
+    """The L2 norm of the trained weights (Megatron-LM's params-norm), from the optimizer's main
+    copies: current right after the step even when the model's copies wait for the overlapped
+    parameter all-gather. Each weight counts once (TP-replicated copies and the last stage's tied
+    embedding are skipped; the distributed optimizer's shards partition the rest), reduced over the
+    group the optimizer reduces its gradient norm over."""
+    squares = torch.zeros((), dtype=torch.float64, device=runtime.device())
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
+                squares += torch.linalg.vector_norm(p, dtype=torch.float64).square()
+    if runtime.world_size() > 1:
+        torch.distributed.all_reduce(squares, group=optimizer.get_grad_stats_parallel_group())
+    return math.sqrt(squares.item())
+
+
 def _step_record(t: Trainer, result: dict[str, float] | None, tokens_per_s: float,
                  flops_per_tok: float, peak: float | None) -> dict[str, Any]:
-    """One metrics.jsonl line: step, loss (+ stage metrics), lr, grad norm, throughput, memory."""
+    """One metrics.jsonl line: step, loss (+ stage metrics), lr, grad and weight norms,
+    throughput, memory."""
     tflops = tokens_per_s * flops_per_tok / 1e12 / runtime.world_size()
     record = {"step": t.state.step, "lr": t.scheduler.get_lr(t.optimizer.param_groups[0]),
+              "params_norm": params_norm(t.optimizer),
               "tokens_per_s": tokens_per_s, "tflops_per_rank": tflops,
               "peak_memory_gb": peak_memory_gb(), "skipped_steps": t.state.skipped_steps,
               "consumed_samples": t.state.consumed_samples}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.conftest import losses, run_layouts, val_loss
+from tests.trainer.conftest import losses, metrics, run_layouts, val_loss
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +77,9 @@ def test_layout_matches_single_process(runs: Path, name: str) -> None:
     assert len(got) == len(expected) == 5
     assert got == pytest.approx(expected, abs=1e-5, rel=0)
     assert val_loss(runs / name) == pytest.approx(val_loss(runs / ref), abs=1e-5, rel=0)
+    # the weights' norm counts each weight once however it is split or tied across ranks
+    norms = [[r["params_norm"] for r in metrics(runs / run)] for run in (name, ref)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-6, abs=0)
 
 
 def test_losses_differ_between_models(runs: Path) -> None:
