@@ -105,8 +105,8 @@ def parse_signals(names: list[str]) -> list[signal.Signals]:
     for name in names:
         sig = getattr(signal.Signals, str(name).upper(), None)
         if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise ConfigError("train.exit_signals",
-                              f"{name!r} is not a signal a process can catch (e.g. SIGTERM, SIGUSR1)")
+            raise ConfigError("train.exit_signals", f"{name!r} is not a signal a process can "
+                              "catch (e.g. SIGTERM, SIGUSR1)")
         found.append(sig)
     return found
 

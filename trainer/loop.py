@@ -363,9 +363,9 @@ def _train_steps(t: Trainer, cfg: RunConfig, saver: checkpoint.Saver, writer: Me
     iters = [t.stage.train_batches(t.state.consumed_samples) for _ in range(chunks)]
     iterator = iters if chunks > 1 else iters[0]
     bad_in_a_row, tokens, window = 0, 0, time.perf_counter()
+    stopper = GracefulStop(parse_signals(tr.exit_signals), tr.time_limit_minutes, started)
     with counter(f"{cfg.stage}", total=tr.steps, enabled=runtime.is_logging_rank()) as progress, \
-            GracefulStop(parse_signals(tr.exit_signals), tr.time_limit_minutes, started) as stopper, \
-            HangWatchdog(tr.hang_dump_minutes) as watchdog:
+            stopper, HangWatchdog(tr.hang_dump_minutes) as watchdog:
         progress.advance(t.state.step)
         while t.state.step < tr.steps:
             watchdog.step(t.state.step + 1)

@@ -183,7 +183,8 @@ class RLStage(ChatStage):
                      if trained else " (frozen)")
         m = self.cfg.model
         kv_heads = m.num_query_groups or m.num_attention_heads
-        kv = (2 * m.num_layers // self.cfg.parallel.pp * kv_heads * (m.hidden_size // m.num_attention_heads) * weight_b
+        layers = m.num_layers // self.cfg.parallel.pp  # each stage caches its own layers
+        kv = (2 * layers * kv_heads * (m.hidden_size // m.num_attention_heads) * weight_b
               * self.cfg.train.seq_length * self.rollout_size // runtime.dp_size()
               // self.cfg.parallel.tp)
         log.info("memory plan: %.1f MiB for the models, %.1f MiB KV cache per rollout (this rank)",
