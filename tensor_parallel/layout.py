@@ -76,4 +76,11 @@ def micro_batches_per_step(layout: Layout, *, global_batch_size: int, micro_batc
         raise ConfigError(
             "train.global_batch_size", f"{global_batch_size} is not divisible by "
             f"micro_batch_size×dp = {micro_batch_size}×{layout.dp} = {per_step}")
-    return global_batch_size // per_step
+    micro = global_batch_size // per_step
+    if layout.vpp and micro % layout.pp:
+        # megatron's interleaved schedule runs micro-batches in groups of PP
+        raise ConfigError(
+            "train.global_batch_size", f"{global_batch_size} gives {micro} micro-batches per "
+            f"step (global / (micro_batch_size×dp = {per_step})); interleaved pipelining "
+            f"(vpp={layout.vpp}) needs a multiple of pp={layout.pp}")
+    return micro

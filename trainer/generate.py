@@ -21,8 +21,10 @@ a broadcast (and stop at the same step).
 Pipeline parallelism: each forward (the prompt, then one token per step) runs through megatron's
 forward-only pipeline schedule, as the reference scoring of the preference stages does; each stage
 keeps the KV cache of its own layers. The last stage samples and broadcasts the new tokens to the
-other stages of its pipeline, so every rank ends with the same `Generation`. One model chunk per
-rank: virtual pipeline stages are refused.
+other stages of its pipeline, so every rank ends with the same `Generation`. Under virtual
+pipeline stages (several chunks per rank) each forward passes through the chunks in layer order,
+one after another (`trainer.loop.forward_only` with one micro-batch); the cache is keyed by the
+global layer number, so one context serves every chunk.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _last_logits(model: torch.nn.Module, tokens: torch.Tensor, valid: torch.Tensor,
+def _last_logits(model: list[torch.nn.Module], tokens: torch.Tensor, valid: torch.Tensor,
                  queries: int, context: StaticInferenceContext | None) -> torch.Tensor | None:
     """Full-vocabulary logits `[b, V]` of the last slot, identical on every TP rank of the last
     pipeline stage; None on the other stages. Collective over the pipeline."""
@@ -160,26 +162,27 @@ def _last_logits(model: torch.nn.Module, tokens: torch.Tensor, valid: torch.Tens
                      attention_mask=b["attention_mask"], inference_context=context,
                      runtime_gather_output=True)
 
-    out = forward_only([model], lambda: iter([batch]), 1, forward,
+    out = forward_only(model, lambda: iter([batch]), 1, forward,
                        lambda logits, _: logits[:, -1, :].float(), seq_length=queries,
                        micro_batch_size=tokens.shape[0])
     return out[0] if out else None
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             vocab_size: int, pad_id: int, stop_ids: Sequence[int] = (),
+def generate(model: torch.nn.Module | list[torch.nn.Module], prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int, vocab_size: int, pad_id: int, stop_ids: Sequence[int] = (),
              sampling: SamplingParams | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True) -> Generation:
     """Sample up to `max_new_tokens` after each prompt; a row stops after a token in `stop_ids`.
 
-    `model`: this rank's single model chunk (DDP/Float16 wrappers are fine), the very module the
-    optimizer updates. `vocab_size`: the tokenizer's; ids in the padding of the output layer are
-    never sampled. `generator` must be seeded identically on every TP rank (only the last
+    `model`: this rank's model chunk, or its chunks under virtual pipelining (DDP/Float16
+    wrappers are fine), the very modules the optimizer updates. `vocab_size`: the tokenizer's;
+    ids in the padding of the output layer are never sampled. `generator` must be seeded identically on every TP rank (only the last
     pipeline stage draws from it). Collective over the model-parallel ranks.
     """
     sampling = sampling or SamplingParams(greedy=True)
-    inner = _unwrapped(model)
+    chunks = model if isinstance(model, list) else [model]
+    inner = _unwrapped(chunks[0])
     if inner.config.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel", "generation decodes one token at a time, "
                           "which cannot be split over the sequence; set it to false")
@@ -189,14 +192,15 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     total = prompt_length + max_new_tokens
     stop = torch.as_tensor(list(stop_ids), dtype=torch.long, device=device)
     context = StaticInferenceContext(b, total) if use_cache else None
-    was_training = model.training
-    model.eval()
+    was_training = chunks[0].training
+    for chunk in chunks:
+        chunk.eval()
     try:
         done = torch.zeros(b, dtype=torch.bool, device=device)
         queries = prompt_length
         for _ in range(max_new_tokens):
-            logits = _last_logits(model, tokens, valid, queries if use_cache else tokens.shape[1],
-                                  context)
+            logits = _last_logits(chunks, tokens, valid,
+                                  queries if use_cache else tokens.shape[1], context)
             if logits is not None:  # the last pipeline stage samples
                 logits[:, vocab_size:] = float("-inf")
                 next_ids = sample_next(logits, sampling, generator)
@@ -214,7 +218,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
             if bool(done.all()):
                 break
     finally:
-        model.train(was_training)
+        for chunk in chunks:
+            chunk.train(was_training)
     pad = total - tokens.shape[1]  # every row stopped early: fill the buffer to its full width
     if pad:
         tokens = torch.cat([tokens, tokens.new_full((b, pad), pad_id)], dim=1)
@@ -236,13 +241,15 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_frozen(model: torch.nn.Module, path: str, new: tuple[str, ...] = ()) -> torch.nn.Module:
-    """`model` with the weights of the trainer checkpoint `path` (saved under any layout), frozen;
-    `new`: names of parameters the checkpoint may lack (see `checkpoint.load_weights`)."""
+def load_frozen(chunks: list[torch.nn.Module], path: str,
+                new: tuple[str, ...] = ()) -> list[torch.nn.Module]:
+    """This rank's model `chunks` with the weights of the trainer checkpoint `path` (saved under
+    any layout), frozen; `new`: names of parameters the checkpoint may lack (see
+    `checkpoint.load_weights`)."""
     from trainer.checkpoint import load_weights
 
-    load_weights([model], path, new=new)
-    return frozen(model)
+    load_weights(chunks, path, new=new)
+    return [frozen(chunk) for chunk in chunks]
 
 
 # ---- kiln generate ------------------------------------------------------------------------------
@@ -326,8 +333,7 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat:
                              seq_length=cfg.train.seq_length, sequence_parallel=False)
         except ConfigError as exc:
             raise _flag_error(exc) from None
-        [model] = build_gpt_chunks(cfg, vocab)
-        model = load_frozen(model, path)
+        model = load_frozen(build_gpt_chunks(cfg, vocab), path)
         gen = generate(model, [_encode(sp, p, chat) for p in prompts],
                        max_new_tokens=max_new_tokens, vocab_size=sp.get_piece_size(),
                        pad_id=sp.pad_id() if sp.pad_id() >= 0 else 0, stop_ids=stops,

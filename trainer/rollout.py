@@ -94,31 +94,34 @@ def policy_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, seqs: dict[str, torch.Tensor], micro_batch_size: int,
+def score(model: list[torch.nn.Module], seqs: dict[str, torch.Tensor], micro_batch_size: int,
           read: Callable[[object, dict[str, torch.Tensor]], tuple[torch.Tensor, ...]]
           ) -> list[torch.Tensor]:
-    """`read(output, micro_batch)` over forward-only micro-batches, concatenated by position, on
-    every pipeline stage. The micro-batches run through megatron's pipeline schedule (`read` on
-    the last stage), which passes `[S, micro_batch_size, h]` between stages: under pipeline
-    parallelism the rows must fill whole micro-batches. Collective over the pipeline."""
+    """`read(output, micro_batch)` over forward-only micro-batches of this rank's model chunks,
+    concatenated by position, on every pipeline stage. The micro-batches run through megatron's
+    pipeline schedule (`read` on the last stage), which passes `[S, micro_batch_size, h]`
+    between stages: under pipeline parallelism the rows must fill whole micro-batches.
+    Collective over the pipeline."""
     n, width = seqs["tokens"].shape
     if runtime.layout().pp > 1 and n % micro_batch_size:
         raise ValueError(f"{n} sequences do not fill micro-batches of {micro_batch_size}, which "
                          "pipeline parallelism needs")
     micro = [{k: v[start:start + micro_batch_size] for k, v in seqs.items()}
              for start in range(0, n, micro_batch_size)]
-    was_training = model.training
-    model.eval()
+    was_training = model[0].training
+    for chunk in model:
+        chunk.eval()
     try:
-        parts = forward_only([model], lambda: iter(micro), len(micro), forward_sequences, read,
+        parts = forward_only(model, lambda: iter(micro), len(micro), forward_sequences, read,
                              seq_length=width, micro_batch_size=micro_batch_size)
     finally:
-        model.train(was_training)
+        for chunk in model:
+            chunk.train(was_training)
     return runtime.broadcast_from_last_stage(
         [torch.cat(column) for column in zip(*parts, strict=True)] if parts else None)
 
 
-def reward_model_scores(reward_model: torch.nn.Module, seqs: dict[str, torch.Tensor],
+def reward_model_scores(reward_model: list[torch.nn.Module], seqs: dict[str, torch.Tensor],
                         micro_batch_size: int) -> torch.Tensor:
     """The frozen reward model's score of each sequence `[n]`, read at its last token."""
     [scores] = score(reward_model, seqs, micro_batch_size,

@@ -52,3 +52,13 @@ def test_global_batch_is_micro_times_dp_times_accumulation() -> None:
     with pytest.raises(ConfigError) as err:
         micro_batches_per_step(Layout(dp=3), global_batch_size=16, micro_batch_size=2)
     assert err.value.key == "train.global_batch_size"
+
+
+def test_interleaved_pipelining_needs_whole_groups_of_pp_micro_batches() -> None:
+    layout = Layout(pp=2, vpp=2)
+    assert micro_batches_per_step(layout, global_batch_size=8, micro_batch_size=2) == 4
+    # megatron's own error for this comes from inside its schedule, after the model is built
+    with pytest.raises(ConfigError, match="3 micro-batches.*multiple of pp=2") as err:
+        micro_batches_per_step(layout, global_batch_size=6, micro_batch_size=2)
+    assert err.value.key == "train.global_batch_size"
+    assert micro_batches_per_step(Layout(pp=2), global_batch_size=6, micro_batch_size=2) == 3

@@ -101,5 +101,29 @@ def test_kiln_generate_refuses_bad_arguments_and_reward_models(runs):
         main([str(runs / "rm" / "checkpoints"), "--prompt", "x"])
 
 
+@pytest.mark.slow
+def test_reward_models_that_cannot_serve_are_refused_by_name(runs):
+    """Not a reward model (a PPO checkpoint), and a 2-layer reward model under a layout of four
+    pipeline stages (PP=2 × VPP=2): each a clear error naming `ppo.reward_model`."""
+    def ppo(ranks: int, reward_model: Path, *sets: str) -> subprocess.CompletedProcess:
+        launch = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                        f"--nproc-per-node={ranks}"]
+        return subprocess.run(
+            [sys.executable, *launch, "trainer/main.py", "--config", str(CONFIGS / "tiny-ppo.yaml"),
+             "--set", *SMALL, "checkpoint.save=false", "ppo.prompts_per_rollout=8",
+             f"ppo.reward_model={reward_model}", f"run_dir={runs}/refused", *sets],
+            cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=200)
+
+    wrong_stage = ppo(1, runs / "ppo" / "checkpoints")
+    assert wrong_stage.returncode != 0
+    assert "'ppo.reward_model'" in wrong_stage.stderr
+    assert "is a 'ppo' checkpoint, not a reward model" in wrong_stage.stderr
+    too_shallow = ppo(2, runs / "rm" / "checkpoints", "parallel.pp=2", "parallel.vpp=2",
+                      "model.num_layers=4", "train.micro_batch_size=4")
+    assert too_shallow.returncode != 0
+    assert ("'ppo.reward_model'" in too_shallow.stderr
+            and "model.num_layers=2 is not divisible by pp×vpp = 2×2 = 4" in too_shallow.stderr)
+
+
 if __name__ == "__main__":
     _child(sys.argv[1])

@@ -1,4 +1,4 @@
-"""PPO and GRPO under TP=2, PP=2 and DP=2 match one rank: the same first rollout (greedy for PPO;
+"""PPO and GRPO under TP=2, PP=2, PP=2 × VPP=2 and DP=2 match one rank: the same first rollout (greedy for PPO;
 sampled with identically seeded generators for GRPO, so every TP rank draws the same tokens) and
 the same first-update loss within 1e-5, and the second update on that rollout within 1e-4 (DP=2
 only with greedy PPO: each DP rank samples from its own seed). Later
@@ -24,7 +24,13 @@ COMMON = {"ppo": ["ppo.greedy=true", "ppo.prompts_per_rollout=8", "ppo.epochs=2"
                   "train.global_batch_size=8", "train.micro_batch_size=4", "train.steps=2"],
           "grpo": ["grpo.prompts_per_rollout=4", "grpo.epochs=2", "train.global_batch_size=16",
                    "train.micro_batch_size=8", "train.steps=2"]}
-LAYOUTS = {1: {"tp1": []}, 2: {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": []}}
+# `_deep`: 4 layers, one per virtual pipeline stage under PP=2 × VPP=2 (generation passes each
+# token through the chunks in turn; scoring and training take the interleaved schedule)
+DEEP = ["model.num_layers=4"]
+LAYOUTS = {1: {"tp1": [], "tp1_deep": DEEP},
+           2: {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": [],
+               "vpp2": ["parallel.pp=2", "parallel.vpp=2", *DEEP]}}
+REFERENCE = {"vpp2": "tp1_deep"}
 SKIP = {("grpo", "dp2")}
 
 
@@ -43,7 +49,8 @@ def _child(out: str, world: int) -> None:
                 continue
             cfg = load_run_config(str(config), [*COMMON[stage], *overrides,
                                                 f"run_dir={out}/{stage}-{name}"])
-            runtime.init(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed)
+            p = cfg.parallel
+            runtime.init(tp=p.tp, pp=p.pp, vpp=p.vpp, seed=cfg.train.seed)
             train(cfg)
             runtime.shutdown(keep_process_group=True)
     runtime.shutdown()
@@ -76,9 +83,11 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "layout"), [("ppo", "tp2"), ("grpo", "tp2"), ("ppo", "pp2"),
-                                               ("grpo", "pp2"), ("ppo", "dp2")])
+                                               ("grpo", "pp2"), ("ppo", "dp2"), ("ppo", "vpp2"),
+                                               ("grpo", "vpp2")])
 def test_rollouts_and_first_update_match_one_rank(runs, stage, layout):
-    one, other = runs / f"{stage}-tp1", runs / f"{stage}-{layout}"
+    one = runs / f"{stage}-{REFERENCE.get(layout, 'tp1')}"
+    other = runs / f"{stage}-{layout}"
     samples = first_rollout(one)
     assert len(samples) == {"ppo": 8, "grpo": 16}[stage]
     assert first_rollout(other) == samples

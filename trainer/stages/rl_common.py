@@ -44,7 +44,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from kiln.config import from_dict
 from kiln.errors import ConfigError
 from kiln.log import get_logger
-from tensor_parallel import runtime
+from tensor_parallel import check_model_fits, runtime
 from tensor_parallel.plan.memory import bytes_per_parameter
 from trainer.chat_data import DistributedSampler
 from trainer.checkpoint import resolve
@@ -96,10 +96,6 @@ class RLStage(ChatStage):
         super().setup()
         o, tr = self.opts, self.cfg.train
         sec = self.name
-        if (self.cfg.parallel.vpp or 1) > 1:
-            raise ConfigError("parallel.vpp", f"stage {sec} samples with one model chunk per "
-                              "pipeline stage: leave parallel.vpp unset (TP, PP and DP are "
-                              "supported)")
         if self.cfg.parallel.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel", f"stage {sec} decodes token by "
                               "token, which sequence parallelism cannot split: set it to false")
@@ -128,25 +124,23 @@ class RLStage(ChatStage):
                                           runtime.dp_rank(), runtime.dp_size(), tr.seed)
         self.rollout: RolloutBatch | None = None
         self.rollout_metrics: dict[str, float] = {}
-        self._minibatches: deque[torch.Tensor] = deque()
+        self._minibatches: deque[torch.Tensor] = deque()  # this DP rank's rows of each step left
+        self._step_rows: torch.Tensor | None = None  # ... and of the step in training
 
     def valid_batches(self) -> Iterator[Batch] | None:
         return None  # progress is the reward of each rollout
 
     def build_model(self, padded_vocab_size: int) -> list[torch.nn.Module]:
-        """The policy chunk the optimizer trains, plus the frozen reference and reward model."""
-        [policy] = build_gpt_chunks(self.cfg, padded_vocab_size, model_class=self.policy_class)
-        self.reference = self._frozen_reference(policy, padded_vocab_size)
+        """The policy chunks the optimizer trains (one per virtual pipeline stage), plus the
+        frozen reference and reward model, split the same way."""
+        policy = build_gpt_chunks(self.cfg, padded_vocab_size, model_class=self.policy_class)
+        self.reference = frozen_reference(self.cfg, policy, padded_vocab_size,
+                                          model_class=self.policy_class, new=self.new_weights)
         self.reward_model = self._frozen_reward_model(padded_vocab_size)
         self._log_memory(policy)
-        return [policy]
+        return policy
 
-    def _frozen_reference(self, policy: torch.nn.Module, vocab: int) -> torch.nn.Module:
-        [ref] = frozen_reference(self.cfg, [policy], vocab, model_class=self.policy_class,
-                                 new=self.new_weights)
-        return ref
-
-    def _frozen_reward_model(self, vocab: int) -> torch.nn.Module | None:
+    def _frozen_reward_model(self, vocab: int) -> list[torch.nn.Module] | None:
         path = self.opts.reward_model
         if path is None:
             return None
@@ -159,23 +153,31 @@ class RLStage(ChatStage):
             raise ConfigError(f"{self.name}.reward_model", f"{path} is a '{run.get('stage')}' "
                               "checkpoint, not a reward model (stage: rm)")
         rm_cfg = copy.copy(self.cfg)
-        rm_cfg.model = from_dict(ModelConfig, run["model"], "model")
-        [rm] = build_gpt_chunks(rm_cfg, vocab, model_class=GPTRewardModel)
+        rm_cfg.model = m = from_dict(ModelConfig, run["model"], "model")
+        try:  # it runs under this run's layout
+            check_model_fits(runtime.layout(), num_layers=m.num_layers,
+                             num_attention_heads=m.num_attention_heads,
+                             num_query_groups=m.num_query_groups or m.num_attention_heads,
+                             seq_length=self.cfg.train.seq_length, sequence_parallel=False)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.name}.reward_model", f"{path}: the reward model "
+                              f"cannot take this run's layout: {exc}") from None
         log.info("reward model from %s", path)
-        return load_frozen(rm, path)
+        return load_frozen(build_gpt_chunks(rm_cfg, vocab, model_class=GPTRewardModel), path)
 
-    def _log_memory(self, policy: torch.nn.Module) -> None:
+    def _log_memory(self, policy: list[torch.nn.Module]) -> None:
         """Parameter and optimizer bytes of the four models on this rank (plan's byte costs)."""
         dtype = "bf16" if self.cfg.model.precision == "bf16" else "fp32"
         weight_b, grad_b, optim_b = bytes_per_parameter(dtype)
         dp = runtime.dp_size() if self.cfg.parallel.distributed_optimizer else 1
-        rows = [("actor+critic" if hasattr(policy, "value_head") else "actor", policy, True),
+        critic = any(hasattr(chunk, "value_head") for chunk in policy)
+        rows = [("actor+critic" if critic else "actor", policy, True),
                 ("reference", self.reference, False), ("reward model", self.reward_model, False)]
         total = 0
-        for name, module, trained in rows:
-            if module is None:
+        for name, chunks, trained in rows:
+            if chunks is None:
                 continue
-            n = sum(p.numel() for p in module.parameters())
+            n = sum(p.numel() for chunk in chunks for p in chunk.parameters())
             cost = n * weight_b + (n * grad_b + -(-n * optim_b // dp) if trained else 0)
             total += cost
             log.info("memory plan: %-12s %9.3fM params, %8.1f MiB weights%s", name, n / 1e6,
@@ -194,15 +196,16 @@ class RLStage(ChatStage):
     def before_step(self, step: int, model: list[torch.nn.Module]) -> None:
         if not self._minibatches:
             index, done = divmod(step, self.steps_per_rollout)
-            self._sample_rollout(index, model[0])
+            self._sample_rollout(index, model)
             for _ in range(done):  # resumed mid-rollout: this rollout's remaining steps only
                 self._minibatches.popleft()
+        self._step_rows = self._minibatches.popleft()
 
     def _prompts(self, rollout_index: int) -> list[dict]:
         self.sampler.state.consumed_samples = rollout_index * self.opts.prompts_per_rollout
         return self.data.rows(self.train_rows[self.sampler.next_global_batch()])
 
-    def _sample_rollout(self, index: int, policy: torch.nn.Module) -> None:
+    def _sample_rollout(self, index: int, policy: list[torch.nn.Module]) -> None:
         o, tr = self.opts, self.cfg.train
         rows = [r for r in self._prompts(index) for _ in range(o.samples_per_prompt)]
         keep = tr.seq_length - o.max_new_tokens  # keep each prompt's end (the assistant header)
@@ -331,9 +334,11 @@ class RLStage(ChatStage):
 
     # ---- training -----------------------------------------------------------------------------
     def train_batches(self, start_sample: int) -> Iterator[Batch]:
+        """The micro-batches of the step's rows (`before_step` takes them from the rollout): every
+        iterator yields the same ones, as the loop makes one per model chunk."""
         mb = self.cfg.train.micro_batch_size
         while True:
-            rows = self._minibatches.popleft()
+            rows = self._step_rows
             for k in range(0, len(rows), mb):
                 yield self.rollout.select(rows[k:k + mb])
 
