@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from kiln.errors import ConfigError, UsageError
 from tensor_parallel import runtime
@@ -177,15 +178,18 @@ def generate(model: torch.nn.Module | list[torch.nn.Module], prompts: Sequence[S
 
     `model`: this rank's model chunk, or its chunks under virtual pipelining (DDP/Float16
     wrappers are fine), the very modules the optimizer updates. `vocab_size`: the tokenizer's;
-    ids in the padding of the output layer are never sampled. `generator` must be seeded identically on every TP rank (only the last
-    pipeline stage draws from it). Collective over the model-parallel ranks.
+    ids in the padding of the output layer are never sampled. `generator` must be seeded
+    identically on every TP rank (only the last pipeline stage draws from it). Collective over
+    the model-parallel ranks.
+
+    A model trained with sequence parallelism samples with it switched off (megatron's
+    `set_model_to_sequence_parallel`, which its own inference uses): a decoding step's one token
+    cannot be split over the TP ranks. It is switched back on before this returns.
     """
     sampling = sampling or SamplingParams(greedy=True)
     chunks = model if isinstance(model, list) else [model]
     inner = _unwrapped(chunks[0])
-    if inner.config.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel", "generation decodes one token at a time, "
-                          "which cannot be split over the sequence; set it to false")
+    sequence_parallel = inner.config.sequence_parallel
     device = next(inner.parameters()).device
     tokens, valid = left_pad(prompts, pad_id, device)
     prompt_length, b = tokens.shape[1], tokens.shape[0]
@@ -195,6 +199,8 @@ def generate(model: torch.nn.Module | list[torch.nn.Module], prompts: Sequence[S
     was_training = chunks[0].training
     for chunk in chunks:
         chunk.eval()
+        if sequence_parallel:
+            set_model_to_sequence_parallel(_unwrapped(chunk), False)
     try:
         done = torch.zeros(b, dtype=torch.bool, device=device)
         queries = prompt_length
@@ -220,6 +226,8 @@ def generate(model: torch.nn.Module | list[torch.nn.Module], prompts: Sequence[S
     finally:
         for chunk in chunks:
             chunk.train(was_training)
+            if sequence_parallel:
+                set_model_to_sequence_parallel(_unwrapped(chunk), True)
     pad = total - tokens.shape[1]  # every row stopped early: fill the buffer to its full width
     if pad:
         tokens = torch.cat([tokens, tokens.new_full((b, pad), pad_id)], dim=1)

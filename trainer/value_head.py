@@ -5,7 +5,8 @@ critic), so the loop's one optimizer steps policy and critic together.
 The trunk and LM head keep the language model's checkpoint keys, so a pretraining or SFT
 checkpoint loads into it under any layout; the head (`value_head.weight`, `[1, hidden]`, no bias)
 is new, replicated across tensor-parallel ranks like the reward model's: its input, the final
-hidden states, is identical on every TP rank, so are its output and gradient.
+hidden states, is identical on every TP rank (gathered under sequence parallelism), so are its
+output and gradient.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 VALUE_HEAD = "value_head."
 
@@ -34,5 +36,10 @@ class GPTActorCritic(GPTModel):
         logits = super()._postprocess(hidden_states, *args, **kwargs)
         if not self.post_process or kwargs.get("inference_context") is not None:
             return logits
+        if self.config.sequence_parallel:
+            # each rank holds [s/TP, b, h]: gather (as the reward head does), and on the way back
+            # keep this rank's slice of the gradient, which every TP rank computes whole
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False)
         values = self.value_head(hidden_states).squeeze(-1).transpose(0, 1).contiguous()
         return logits, values.float()

@@ -1,9 +1,10 @@
-"""PPO and GRPO under TP=2, PP=2, PP=2 × VPP=2 and DP=2 match one rank: the same first rollout (greedy for PPO;
-sampled with identically seeded generators for GRPO, so every TP rank draws the same tokens) and
-the same first-update loss within 1e-5, and the second update on that rollout within 1e-4 (DP=2
-only with greedy PPO: each DP rank samples from its own seed). Later
-rollouts are not compared: a random tiny model's near-uniform logits let float rounding of the
-updated weights flip a greedy argmax. Runs under torchrun in child processes (gloo, CPU)."""
+"""PPO and GRPO under TP=2 (also with sequence parallelism, which sampling switches off), PP=2,
+PP=2 × VPP=2 and DP=2 match one rank: the same first rollout (greedy for PPO; sampled with
+identically seeded generators for GRPO, so every TP rank draws the same tokens) and the same
+first-update loss within 1e-5, and the second update on that rollout within 1e-4 (DP=2 only with
+greedy PPO: each DP rank samples from its own seed). Later rollouts are not compared: a random
+tiny model's near-uniform logits let float rounding of the updated weights flip a greedy argmax.
+Runs under torchrun in child processes (gloo, CPU)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ COMMON = {"ppo": ["ppo.greedy=true", "ppo.prompts_per_rollout=8", "ppo.epochs=2"
 DEEP = ["model.num_layers=4"]
 LAYOUTS = {1: {"tp1": [], "tp1_deep": DEEP},
            2: {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": [],
+               "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
                "vpp2": ["parallel.pp=2", "parallel.vpp=2", *DEEP]}}
 REFERENCE = {"vpp2": "tp1_deep"}
 SKIP = {("grpo", "dp2")}
@@ -84,7 +86,8 @@ def runs(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "layout"), [("ppo", "tp2"), ("grpo", "tp2"), ("ppo", "pp2"),
                                                ("grpo", "pp2"), ("ppo", "dp2"), ("ppo", "vpp2"),
-                                               ("grpo", "vpp2")])
+                                               ("grpo", "vpp2"), ("ppo", "tp2_sp"),
+                                               ("grpo", "tp2_sp")])
 def test_rollouts_and_first_update_match_one_rank(runs, stage, layout):
     one = runs / f"{stage}-{REFERENCE.get(layout, 'tp1')}"
     other = runs / f"{stage}-{layout}"

@@ -50,7 +50,6 @@ def test_reward_function_results_are_checked():
 
 
 @pytest.mark.parametrize(("config", "override", "key"), [
-    (GRPO, "parallel.sequence_parallel=true", "parallel.sequence_parallel"),
     (PPO, "ppo.reward_function=null", "ppo.reward_function"),
     (GRPO, "train.global_batch_size=12", "train.global_batch_size"),
     (GRPO, "grpo.samples_per_prompt=1", "grpo.samples_per_prompt"),

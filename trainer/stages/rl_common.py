@@ -4,13 +4,15 @@ optimizer trains, a frozen reference and reward model, and the loop's steps as P
 One rollout = `prompts_per_rollout × samples_per_prompt` sequences (split over DP ranks). The
 loop then takes `epochs × rollout / train.global_batch_size` optimizer steps on it, one shuffled
 mini-batch of `global_batch_size` sequences per step; `before_step` samples the next rollout
-when the previous one is used up. Generation runs on the loop's own model chunk (the DDP-wrapped
-module whose parameters the optimizer updates), so no weights are copied between the trainer and
-the sampler. TP, PP and DP all run: under PP the prompt and every decode step pass through
-megatron's forward-only pipeline schedule, the last stage samples and broadcasts the tokens, and
-the rollout (padded to `train.seq_length`, the pipeline's one activation shape) is scored the same
-way, so every stage holds the same rollout. Virtual pipeline stages and sequence parallelism
-are refused (see trainer/generate.py).
+when the previous one is used up. Generation runs on the loop's own model chunks (the DDP-wrapped
+modules whose parameters the optimizer updates), so no weights are copied between the trainer
+and the sampler. TP, PP, VPP and DP all run: under PP the prompt and every decode step pass
+through megatron's forward-only pipeline schedule (under VPP through the chunks in turn), the
+last stage samples and broadcasts the tokens, and the rollout (padded to `train.seq_length`, the
+pipeline's one activation shape) is scored the same way, so every stage holds the same rollout.
+Sequence parallelism is switched off while sampling (trainer/generate.py) and on for scoring and
+training, with the rollout padded to a multiple of TP. Context parallelism is refused: a
+decoding step's one token cannot be split over CP ranks.
 
 Rewards: `reward_function: "module:function"` (see trainer/rewards.py) and/or
 `reward_model: CHECKPOINT` (a `stage: rm` checkpoint, any layout); with both they are added.
@@ -96,9 +98,6 @@ class RLStage(ChatStage):
         super().setup()
         o, tr = self.opts, self.cfg.train
         sec = self.name
-        if self.cfg.parallel.sequence_parallel:
-            raise ConfigError("parallel.sequence_parallel", f"stage {sec} decodes token by "
-                              "token, which sequence parallelism cannot split: set it to false")
         if o.reward_function is None and o.reward_model is None:
             raise ConfigError(f"{sec}.reward_function", "set a reward_function and/or a "
                               "reward_model")
@@ -217,8 +216,11 @@ class RLStage(ChatStage):
                        sampling=SamplingParams(o.greedy, o.temperature, o.top_k, o.top_p),
                        generator=torch.Generator().manual_seed(int(seed)))
         seqs = from_generation(gen)
-        if self.seq_len() is not None:  # one shape for the pipeline's buffers
-            seqs = pad_sequences(seqs, self.seq_len(), self.pad_id)
+        length = self.seq_len()  # one shape for the pipeline's buffers
+        if length is None and self.cfg.parallel.sequence_parallel:  # split evenly over TP
+            length = -(-seqs["tokens"].shape[1] // runtime.layout().tp) * runtime.layout().tp
+        if length is not None:
+            seqs = pad_sequences(seqs, length, self.pad_id)
         scores = self._scores(rows, prompts, gen.completion_ids(), seqs)
         mb = tr.micro_batch_size
         old = score(policy, seqs, mb, self._read_policy)
