@@ -176,6 +176,22 @@ def test_export_without_a_tokenizer_asks_for_one(models: Path, tmp_path: Path, c
     assert not (tmp_path / "hf").exists() and not leftovers(tmp_path)
 
 
+def test_the_vocabulary_of_a_run_comes_from_its_data_manifests() -> None:
+    """A run trained from scratch records no model.vocab_size: every data contract's manifest
+    names its tokenizer's (pretraining tokens, SFT and preference shards alike)."""
+    from trainer.config import ModelConfig
+
+    data = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "data"
+    for name, vocab in (("sample-sft", 512), ("sample-preference", 512),
+                        ("sample-pretrain", 257)):
+        cfg = {"data": {"manifests": [str(data / name)]}}
+        assert export_hf.unpadded_vocab(ModelConfig(), cfg, None) == vocab
+    assert export_hf.unpadded_vocab(ModelConfig(vocab_size=300), cfg, None) == 300
+    assert export_hf.unpadded_vocab(ModelConfig(), cfg, 280) == 280
+    with pytest.raises(export_hf.UsageError, match="pass --vocab-size"):
+        export_hf.unpadded_vocab(ModelConfig(), {"data": {"manifests": ["/nonexistent"]}}, None)
+
+
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path: Path, capsys) -> None:
     src = make_model("llama", tmp_path / "small", vocab_size=200)  # the tokenizer has 280 tokens
     assert cli(import_hf.main, src, "--out", tmp_path / "ckpt") == 1

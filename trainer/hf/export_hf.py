@@ -114,12 +114,19 @@ def unpadded_vocab(model: ModelConfig, cfg: dict[str, Any], override: int | None
         return override
     if model.vocab_size is not None:
         return model.vocab_size
-    from trainer.data.manifest import read_token_manifest
+    from schemas.manifest import read_manifest
 
-    manifests = (cfg.get("data") or {}).get("manifests") or []
-    if manifests:
-        return read_token_manifest(manifests[0]).vocab_size
-    raise UsageError("the vocabulary size is not recorded: pass --vocab-size")
+    # the tokenizer the run's data was made with: every contract records it (pretraining
+    # tokens, SFT, preference and prompt shards)
+    for path in (cfg.get("data") or {}).get("manifests") or []:
+        try:
+            vocab = (read_manifest(path).tokenizer or {}).get("vocab_size")
+        except (OSError, ValueError):
+            continue
+        if isinstance(vocab, int) and vocab > 0:
+            return vocab
+    raise UsageError("the vocabulary size is not recorded (no model.vocab_size, and no readable "
+                     "data manifest names one): pass --vocab-size")
 
 
 def check_shapes(reader: CheckpointReader, d: Dims, ckpt: str) -> None:
@@ -254,12 +261,14 @@ def main(argv: Sequence[str]) -> int:
     ckpt = resolve_checkpoint(os.path.abspath(args.checkpoint))
     cfg = run_config(ckpt)
     model = from_dict(ModelConfig, cfg.get("model") or {}, "model")
-    vocab = unpadded_vocab(model, cfg, args.vocab_size)
     origin = imported_origin(ckpt, cfg)
     tokenizer = args.tokenizer or (os.path.join(origin, "tokenizer") if origin else None)
     if tokenizer is None or not os.path.isdir(tokenizer):
         raise UsageError(f"{ckpt} does not descend from a `kiln import-hf` directory with a "
-                         "tokenizer: pass --tokenizer HF_DIR")
+                         "tokenizer: pass --tokenizer HF_DIR (a Hugging Face tokenizer with "
+                         "tokenizer.json; a sentencepiece model trained by `kiln tokenizer` has "
+                         "no exact tokenizer.json equivalent, see the README)")
+    vocab = unpadded_vocab(model, cfg, args.vocab_size)
     d = Dims.of(model, vocab)
     reader = CheckpointReader(ckpt)
     check_shapes(reader, d, ckpt)
