@@ -194,6 +194,18 @@ def grpo(demo: Demo) -> StageResult:
         ("reward_mean", "kl"))
 
 
+def export_hf(demo: Demo) -> StageResult:
+    """The final policy as a Hugging Face directory (transformers / vLLM), with the demo's own
+    tokenizer converted to a tokenizer.json that gives the same ids and llmkiln's chat template."""
+    out = demo.path("hf-model")
+    demo.kiln("export-hf", [_checkpoint(demo, "grpo"), "--out", out, "--overwrite"])
+    files = sorted(os.listdir(out))
+    weights = sum(os.path.getsize(os.path.join(out, f)) for f in files if f.endswith(".safetensors"))
+    return StageResult("export-hf", 0.0, metrics={"files": len(files),
+                                                  "weights_mb": round(weights / 1e6, 2)},
+                       outputs=[out])
+
+
 def unigram_entropy(shard_dir: str) -> float:
     """Entropy (nats) of the token unigram distribution: the loss of the best context-free model."""
     import numpy as np
@@ -235,4 +247,5 @@ STAGES = [
     ("rm", reward_model),
     ("dpo", dpo),
     ("grpo", grpo),
+    ("export-hf", export_hf),
 ]

@@ -34,6 +34,7 @@ from dataprep import special_tokens as st
 from dataprep.chat.formats import Message
 from dataprep.tokenizer import SentencePieceTokenizer, Tokenizer
 from schemas.chat import CHAT_TEMPLATE_JINJA  # noqa: F401 (re-exported for the data side)
+from schemas.protowire import fields, varint_bytes
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,8 @@ class _PiecewiseEncoder:
 
 # ------------------------------------------------------- sentencepiece proto: wire-format edit
 # The sentencepiece pb2 module in this environment does not load with the installed protobuf
-# runtime, and only one field of a few pieces changes, so the edit is done on the wire format.
+# runtime, and only one field of a few pieces changes, so the edit is done on the wire format
+# (`schemas.protowire`).
 _USER_DEFINED, _CONTROL = 4, 3
 
 
@@ -172,61 +174,16 @@ def controls_unreachable(proto: bytes) -> bytes:
     pieces: same ids and vocabulary, but text can no longer produce them."""
     targets = {t.encode() for t in st.CHAT_TOKENS}
     out = bytearray()
-    for field, wire, start, end, (p0, p1, _) in _fields(proto, 0, len(proto)):
+    for field, wire, start, end, (p0, p1, _) in fields(proto, 0, len(proto)):
         if field == 1 and wire == 2:  # ModelProto.pieces: SentencePiece{1 piece, 2 score, 3 type}
-            sub = list(_fields(proto, p0, p1))
+            sub = list(fields(proto, p0, p1))
             text = next((proto[a:b] for f, w, _, _, (a, b, _) in sub if f == 1 and w == 2), None)
             kind = next((v for f, w, _, _, (_, _, v) in sub if f == 3 and w == 0), None)
             if text in targets and kind == _USER_DEFINED:
                 body = b"".join(proto[s:e] for f, _, s, e, _ in sub if f != 3)
-                body += bytes([3 << 3]) + _varint_bytes(_CONTROL)
-                out += bytes([1 << 3 | 2]) + _varint_bytes(len(body)) + body
+                body += bytes([3 << 3]) + varint_bytes(_CONTROL)
+                out += bytes([1 << 3 | 2]) + varint_bytes(len(body)) + body
                 continue
         out += proto[start:end]
     return bytes(out)
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-
-
-def _varint_bytes(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        out.append(b | 0x80 if value else b)
-        if not value:
-            return bytes(out)
-
-
-def _fields(buf: bytes, lo: int, hi: int):
-    """(field, wire type, start, end, (payload start, payload end, varint value)) per field."""
-    pos = lo
-    while pos < hi:
-        start = pos
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        value = None
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-            p0 = p1 = pos
-        elif wire == 1:
-            p0, p1 = pos, pos + 8
-        elif wire == 2:
-            n, p0 = _varint(buf, pos)
-            p1 = p0 + n
-        elif wire == 5:
-            p0, p1 = pos, pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        pos = max(pos, p1)
-        yield field, wire, start, pos, (p0, p1, value)
 

@@ -4,7 +4,9 @@ chat template) that `transformers` loads with no missing or unexpected weights.
 
 CKPT is a checkpoint directory or a checkpoints root (its `latest`). The model section comes from
 the run config stored in the checkpoint; the HF config, generation config and tokenizer come from
-the imported model the run started from (followed through `init.checkpoint`), or `--tokenizer`.
+the imported model the run started from (followed through `init.checkpoint`), or `--tokenizer`;
+a model trained from scratch takes the `kiln tokenizer` sentencepiece model its run names,
+converted to a `tokenizer.json` that gives the same ids (`trainer/hf/sentencepiece_hf.py`).
 Read one layer at a time from the torch DCP files, without torch.distributed.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,6 +29,7 @@ from kiln.paths import atomic_dir
 from kiln.progress import counter
 from schemas.chat import CHAT_TEMPLATE_JINJA
 from trainer.config import ModelConfig
+from trainer.hf import sentencepiece_hf
 from trainer.hf.config_map import hf_from_model
 from trainer.hf.dcp import CheckpointReader, load_common
 from trainer.hf.import_hf import DTYPES, TOKENIZER_FILES, copy_files
@@ -40,7 +44,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kiln export-hf", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint directory, or a checkpoints root with `latest`")
     p.add_argument("--out", required=True, help="Hugging Face directory to create")
-    p.add_argument("--tokenizer", help="HF tokenizer directory (default: the imported model's)")
+    p.add_argument("--tokenizer", help="HF or `kiln tokenizer` directory (default: the imported "
+                   "model's, else the run's sentencepiece tokenizer, converted)")
     p.add_argument("--dtype", choices=["checkpoint", *DTYPES], default="checkpoint",
                    help="dtype of the exported weights (default: as stored)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 500MB")
@@ -107,6 +112,24 @@ def tokenizer_dir(checkpoint: str) -> str | None:
     origin = imported_origin(ckpt, run_config(ckpt))
     path = os.path.join(origin, "tokenizer") if origin else None
     return path if path and os.path.isdir(path) else None
+
+
+def sentencepiece_dir(cfg: dict[str, Any]) -> str | None:
+    """The `kiln tokenizer` directory a run trained with: its stage's `tokenizer` setting, else
+    the one its data manifests record."""
+    from schemas.manifest import read_manifest
+
+    stage = cfg.get(cfg.get("stage") or "") or {}
+    candidates = [stage.get("tokenizer") if isinstance(stage, dict) else None]
+    for path in (cfg.get("data") or {}).get("manifests") or []:
+        try:
+            candidates.append((read_manifest(path).tokenizer or {}).get("path"))
+        except (OSError, ValueError):
+            continue
+    for path in candidates:
+        if isinstance(path, str) and os.path.exists(os.path.join(path, "tokenizer.model")):
+            return path
+    return None
 
 
 def unpadded_vocab(model: ModelConfig, cfg: dict[str, Any], override: int | None) -> int:
@@ -263,11 +286,11 @@ def main(argv: Sequence[str]) -> int:
     model = from_dict(ModelConfig, cfg.get("model") or {}, "model")
     origin = imported_origin(ckpt, cfg)
     tokenizer = args.tokenizer or (os.path.join(origin, "tokenizer") if origin else None)
+    tokenizer = tokenizer or sentencepiece_dir(cfg)
     if tokenizer is None or not os.path.isdir(tokenizer):
         raise UsageError(f"{ckpt} does not descend from a `kiln import-hf` directory with a "
-                         "tokenizer: pass --tokenizer HF_DIR (a Hugging Face tokenizer with "
-                         "tokenizer.json; a sentencepiece model trained by `kiln tokenizer` has "
-                         "no exact tokenizer.json equivalent, see the README)")
+                         "tokenizer, and its run config names no `kiln tokenizer` directory: "
+                         "pass --tokenizer DIR (Hugging Face, or `kiln tokenizer`)")
     vocab = unpadded_vocab(model, cfg, args.vocab_size)
     d = Dims.of(model, vocab)
     reader = CheckpointReader(ckpt)
@@ -279,7 +302,14 @@ def main(argv: Sequence[str]) -> int:
     config = hf_from_model(model, vocab, str(dtype).removeprefix("torch."),
                            base=read_json(os.path.join(hf_dir, "config.json")),
                            family=imported["family"] if imported else None)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as converted:
+        spm_model = os.path.join(tokenizer, "tokenizer.model")
+        if not os.path.exists(os.path.join(tokenizer, "tokenizer.json")) \
+                and os.path.exists(spm_model):  # a `kiln tokenizer` directory
+            sentencepiece_hf.write(spm_model, converted,
+                                   (cfg.get("train") or {}).get("seq_length"))
+            log.info("tokenizer: %s converted to tokenizer.json (the same ids)", spm_model)
+            tokenizer = converted
         ids = write_tokenizer(tokenizer, tmp, args.chat_template)
         total = write_safetensors(hf_tensors(reader, d, dtype), tmp, max_bytes)
         for key in ("bos", "eos", "pad"):
