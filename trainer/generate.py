@@ -34,6 +34,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
@@ -169,6 +170,19 @@ def _last_logits(model: list[torch.nn.Module], tokens: torch.Tensor, valid: torc
     return out[0] if out else None
 
 
+def _sequence_parallel_settings(chunks: list[torch.nn.Module]) -> list[tuple[Any, str, Any]]:
+    """(object, attribute, value) of every sequence-parallel switch `set_model_to_sequence_parallel`
+    turns: the attributes it looks for on each module, and each module's config."""
+    attrs = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+    saved = []
+    for chunk in chunks:
+        for module in _unwrapped(chunk).modules():
+            saved += [(module, a, getattr(module, a)) for a in attrs if hasattr(module, a)]
+        config = _unwrapped(chunk).config
+        saved.append((config, "sequence_parallel", config.sequence_parallel))
+    return saved
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module | list[torch.nn.Module], prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, vocab_size: int, pad_id: int, stop_ids: Sequence[int] = (),
@@ -197,6 +211,7 @@ def generate(model: torch.nn.Module | list[torch.nn.Module], prompts: Sequence[S
     stop = torch.as_tensor(list(stop_ids), dtype=torch.long, device=device)
     context = StaticInferenceContext(b, total) if use_cache else None
     was_training = chunks[0].training
+    saved = _sequence_parallel_settings(chunks) if sequence_parallel else []
     for chunk in chunks:
         chunk.eval()
         if sequence_parallel:
@@ -226,8 +241,8 @@ def generate(model: torch.nn.Module | list[torch.nn.Module], prompts: Sequence[S
     finally:
         for chunk in chunks:
             chunk.train(was_training)
-            if sequence_parallel:
-                set_model_to_sequence_parallel(_unwrapped(chunk), True)
+        for owner, attr, value in saved:  # exactly as they were (megatron's toggle sets all)
+            setattr(owner, attr, value)
     pad = total - tokens.shape[1]  # every row stopped early: fill the buffer to its full width
     if pad:
         tokens = torch.cat([tokens, tokens.new_full((b, pad), pad_id)], dim=1)
