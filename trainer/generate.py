@@ -23,7 +23,7 @@ forward-only pipeline schedule, as the reference scoring of the preference stage
 keeps the KV cache of its own layers. The last stage samples and broadcasts the new tokens to the
 other stages of its pipeline, so every rank ends with the same `Generation`. Under virtual
 pipeline stages (several chunks per rank) each forward passes through the chunks in layer order,
-one after another (`trainer.loop.forward_only` with one micro-batch); the cache is keyed by the
+one after another (`trainer.forward.forward_only` with one micro-batch); the cache is keyed by the
 global layer number, so one context serves every chunk.
 """
 
@@ -42,7 +42,7 @@ from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from kiln.errors import ConfigError, UsageError
 from tensor_parallel import runtime
-from trainer.loop import forward_only
+from trainer.forward import forward_only
 
 
 @dataclass

@@ -19,7 +19,7 @@ completion and KL-partner completion), looked up by row index. `<stage>.referenc
   a resumed run simply recomputes. It costs the reference's weights and one more forward per
   step, and saves the pass over the whole dataset and the file.
 
-Both run through megatron's pipeline schedule (`trainer.loop.forward_only`), so any TP/PP/VPP/DP
+Both run through megatron's pipeline schedule (`trainer.forward.forward_only`), so any TP/PP/VPP/DP
 layout computes them; the parallel layout is not part of a reference's identity.
 """
 
@@ -46,8 +46,8 @@ from kiln.log import get_logger
 from kiln.paths import atomic_write
 from tensor_parallel import runtime
 from trainer.checkpoint import load_weights, resolve
+from trainer.forward import forward_only
 from trainer.generate import frozen
-from trainer.loop import forward_only
 from trainer.model import build_gpt_chunks
 from trainer.stages import Batch
 

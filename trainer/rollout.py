@@ -17,8 +17,8 @@ import torch
 
 from tensor_parallel import runtime
 from tensor_parallel.vocab_parallel import vocab_parallel_log_probs
+from trainer.forward import forward_only
 from trainer.generate import Generation, attention_mask, position_ids
-from trainer.loop import forward_only
 from trainer.reward_head import sequence_rewards
 
 
