@@ -320,10 +320,9 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat:
     from megatron.core import dist_checkpointing
 
     from kiln.config import from_dict
-    from tensor_parallel import check_model_fits
     from trainer.checkpoint import resolve
     from trainer.config import RunConfig
-    from trainer.model import build_gpt_chunks
+    from trainer.model import build_gpt_chunks, check_fits_layout
 
     path = resolve(checkpoint)
     saved = dist_checkpointing.load_common_state_dict(path).get("config")
@@ -348,12 +347,8 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat:
         if runtime.dp_size() != 1:
             raise UsageError(f"kiln generate runs one copy of the model: launch --tp × --pp = "
                              f"{tp * pp} processes, not {runtime.world_size()}")
-        m = cfg.model
         try:
-            check_model_fits(runtime.layout(), num_layers=m.num_layers,
-                             num_attention_heads=m.num_attention_heads,
-                             num_query_groups=m.num_query_groups or m.num_attention_heads,
-                             seq_length=cfg.train.seq_length, sequence_parallel=False)
+            check_fits_layout(cfg.model, cfg.train.seq_length, sequence_parallel=False)
         except ConfigError as exc:
             raise _flag_error(exc) from None
         model = load_frozen(build_gpt_chunks(cfg, vocab), path)

@@ -32,12 +32,12 @@ from kiln.errors import ConfigError, UsageError
 from kiln.log import get_logger
 from kiln.paths import write_text
 from kiln.progress import counter
-from tensor_parallel import check_model_fits, micro_batches_per_step, runtime
+from tensor_parallel import micro_batches_per_step, runtime
 from trainer import checkpoint
 from trainer.config import RunConfig, parse_signals
 from trainer.forward import forward_only, on_device
 from trainer.metrics import MetricsWriter, flops_per_token, peak_memory_gb, peak_tflops
-from trainer.model import check_model_config, padded_vocab_size
+from trainer.model import check_fits_layout, check_model_config, padded_vocab_size
 from trainer.preemption import GracefulStop, StopRequested
 from trainer.profiling import StepProfiler
 from trainer.stages import Stage, stage_class
@@ -163,9 +163,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     """Stage, model chunks (DDP-wrapped), optimizer and scheduler for an initialised runtime."""
     layout = runtime.layout()
     m = cfg.model
-    check_model_fits(layout, num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-                     num_query_groups=m.num_query_groups or m.num_attention_heads,
-                     seq_length=cfg.train.seq_length, sequence_parallel=cfg.parallel.sequence_parallel)
+    check_fits_layout(m, cfg.train.seq_length, cfg.parallel.sequence_parallel)
     micro = micro_batches_per_step(layout, global_batch_size=cfg.train.global_batch_size,
                                    micro_batch_size=cfg.train.micro_batch_size)
     check_model_config(cfg)

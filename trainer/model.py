@@ -22,10 +22,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from kiln.errors import ConfigError
 from kiln.log import get_logger
-from tensor_parallel import SequenceParallelTorchNorm, runtime
+from tensor_parallel import SequenceParallelTorchNorm, check_model_fits, runtime
 from tensor_parallel.fused_ops import FusedRopeSelfAttention, SwiGLU
 from tensor_parallel.sdpa_attention import SdpaDotProductAttention
-from trainer.config import RunConfig
+from trainer.config import ModelConfig, RunConfig
 
 log = get_logger(__name__)
 
@@ -46,6 +46,14 @@ def have_transformer_engine() -> bool:
     except ImportError:
         return False
     return True
+
+
+def check_fits_layout(m: ModelConfig, seq_length: int, sequence_parallel: bool) -> None:
+    """`check_model_fits` for model config `m` under this rank's initialised layout."""
+    check_model_fits(runtime.layout(), num_layers=m.num_layers,
+                     num_attention_heads=m.num_attention_heads,
+                     num_query_groups=m.num_query_groups or m.num_attention_heads,
+                     seq_length=seq_length, sequence_parallel=sequence_parallel)
 
 
 def check_model_config(cfg: RunConfig) -> None:

@@ -114,18 +114,26 @@ def tokenizer_dir(checkpoint: str) -> str | None:
     return path if path and os.path.isdir(path) else None
 
 
+def manifest_tokenizers(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `tokenizer` record of each readable data manifest of a run: every contract keeps one
+    (pretraining tokens, SFT, preference and prompt shards)."""
+    from schemas.manifest import read_manifest
+
+    found = []
+    for path in (cfg.get("data") or {}).get("manifests") or []:
+        try:
+            found.append(read_manifest(path).tokenizer or {})
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def sentencepiece_dir(cfg: dict[str, Any]) -> str | None:
     """The `kiln tokenizer` directory a run trained with: its stage's `tokenizer` setting, else
     the one its data manifests record."""
-    from schemas.manifest import read_manifest
-
     stage = cfg.get(cfg.get("stage") or "") or {}
     candidates = [stage.get("tokenizer") if isinstance(stage, dict) else None]
-    for path in (cfg.get("data") or {}).get("manifests") or []:
-        try:
-            candidates.append((read_manifest(path).tokenizer or {}).get("path"))
-        except (OSError, ValueError):
-            continue
+    candidates += [t.get("path") for t in manifest_tokenizers(cfg)]
     for path in candidates:
         if isinstance(path, str) and os.path.exists(os.path.join(path, "tokenizer.model")):
             return path
@@ -137,15 +145,8 @@ def unpadded_vocab(model: ModelConfig, cfg: dict[str, Any], override: int | None
         return override
     if model.vocab_size is not None:
         return model.vocab_size
-    from schemas.manifest import read_manifest
-
-    # the tokenizer the run's data was made with: every contract records it (pretraining
-    # tokens, SFT, preference and prompt shards)
-    for path in (cfg.get("data") or {}).get("manifests") or []:
-        try:
-            vocab = (read_manifest(path).tokenizer or {}).get("vocab_size")
-        except (OSError, ValueError):
-            continue
+    for tokenizer in manifest_tokenizers(cfg):  # the tokenizer the run's data was made with
+        vocab = tokenizer.get("vocab_size")
         if isinstance(vocab, int) and vocab > 0:
             return vocab
     raise UsageError("the vocabulary size is not recorded (no model.vocab_size, and no readable "

@@ -46,13 +46,13 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from kiln.config import from_dict
 from kiln.errors import ConfigError
 from kiln.log import get_logger
-from tensor_parallel import check_model_fits, runtime
+from tensor_parallel import runtime
 from tensor_parallel.plan.memory import bytes_per_parameter
 from trainer.chat_data import DistributedSampler
 from trainer.checkpoint import resolve
 from trainer.config import ModelConfig
 from trainer.generate import SamplingParams, generate, load_frozen
-from trainer.model import build_gpt_chunks
+from trainer.model import build_gpt_chunks, check_fits_layout
 from trainer.reference import frozen_reference
 from trainer.reward_head import GPTRewardModel
 from trainer.rewards import call_reward_function, load_reward_function
@@ -152,12 +152,9 @@ class RLStage(ChatStage):
             raise ConfigError(f"{self.name}.reward_model", f"{path} is a '{run.get('stage')}' "
                               "checkpoint, not a reward model (stage: rm)")
         rm_cfg = copy.copy(self.cfg)
-        rm_cfg.model = m = from_dict(ModelConfig, run["model"], "model")
+        rm_cfg.model = from_dict(ModelConfig, run["model"], "model")
         try:  # it runs under this run's layout
-            check_model_fits(runtime.layout(), num_layers=m.num_layers,
-                             num_attention_heads=m.num_attention_heads,
-                             num_query_groups=m.num_query_groups or m.num_attention_heads,
-                             seq_length=self.cfg.train.seq_length, sequence_parallel=False)
+            check_fits_layout(rm_cfg.model, self.cfg.train.seq_length, sequence_parallel=False)
         except ConfigError as exc:
             raise ConfigError(f"{self.name}.reward_model", f"{path}: the reward model "
                               f"cannot take this run's layout: {exc}") from None
