@@ -44,7 +44,13 @@ def init(*, tp: int = 1, pp: int = 1, vpp: int | None = None, cp: int = 1, seed:
     world_size = int(os.environ["WORLD_SIZE"])
     layout = infer_layout(world_size, tp, pp, vpp, cp)
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if (layout.tp > 1 or layout.cp > 1) and torch.cuda.get_device_capability(local_rank)[0] < 10:
+            # one hardware queue, so that megatron's TP/CP collectives are scheduled before the
+            # weight-gradient GEMMs they overlap with (Megatron-LM asks for it before Blackwell);
+            # set before this process makes its CUDA context
+            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        torch.cuda.set_device(local_rank)
         backend = "nccl"
     else:
         cpu_backend.enable()

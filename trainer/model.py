@@ -48,6 +48,16 @@ def have_transformer_engine() -> bool:
     return True
 
 
+def have_wgrad_fusion() -> bool:
+    """APEX's `fused_weight_gradient_mlp_cuda`: megatron's own linear layers (the output layer
+    under either spec) need it for gradient-accumulation fusion; TE's layers fuse natively."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def check_fits_layout(m: ModelConfig, seq_length: int, sequence_parallel: bool) -> None:
     """`check_model_fits` for model config `m` under this rank's initialised layout."""
     check_model_fits(runtime.layout(), num_layers=m.num_layers,
@@ -100,7 +110,10 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=not on_gpu, perform_initialization=True,
-        gradient_accumulation_fusion=False, masked_softmax_fusion=on_gpu,
+        # weight gradients accumulate straight into the fp32 main_grad buffer in the GEMM, as
+        # Megatron-LM does by default (NGC images ship the kernel); on CPU the unfused add is all
+        # there is
+        gradient_accumulation_fusion=on_gpu and have_wgrad_fusion(), masked_softmax_fusion=on_gpu,
         bias_activation_fusion=on_gpu, bias_dropout_fusion=on_gpu, persist_layer_norm=False,
         apply_rope_fusion=False,
         # the local spec's MLP calls `fused_ops.SwiGLU` on the whole fc1 output on CPU; on GPU
