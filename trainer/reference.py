@@ -218,6 +218,8 @@ def reference_identity(cfg: Any, manifest_shards: list, rows: np.ndarray | None 
         init = os.path.abspath(resolve(init))
     identity = {"init_checkpoint": init, "seed": None if init else cfg.train.seed,
                 "model": to_dict(cfg.model), "stage": cfg.stage,
+                # where sequences are cut: a shorter length scores fewer response tokens
+                "seq_length": cfg.train.seq_length,
                 "data": hashlib.sha256("".join(s.sha256 for s in manifest_shards).encode()
                                        ).hexdigest(),
                 "rows": None if rows is None else digest(rows)}
@@ -286,8 +288,12 @@ class StoredReference(Reference):
         with pa.memory_map(self.path) as source:
             table = pa.ipc.open_file(source).read_all()
         stored = json.loads((table.schema.metadata or {}).get(META, b"{}"))
-        if stored != self.identity or table.column("id").to_pylist() != self.ids:
-            log.warning("%s was made for another reference model or dataset: recomputing",
-                        self.path)
+        changed = sorted(k for k in {*stored, *self.identity}
+                         if stored.get(k) != self.identity.get(k))
+        if table.column("id").to_pylist() != self.ids:
+            changed.append("row ids")
+        if changed:
+            log.warning("%s was made for another reference model or dataset (%s differ): "
+                        "recomputing", self.path, ", ".join(changed))
             return None
         return torch.from_numpy(np.stack([table.column(c).to_numpy() for c in self.columns], 1))

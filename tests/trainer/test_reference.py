@@ -124,3 +124,18 @@ def test_a_run_with_no_steps_scores_the_precomputed_reference_to_evaluate(runs: 
     assert (runs / "dpo_unstepped" / "reference_logps.arrow").exists()
     kto, kto_online = evaluation("kto_unstepped"), evaluation("kto_unstepped_online")
     assert kto == pytest.approx(kto_online, abs=1e-6, rel=0)
+
+
+def test_stored_values_are_recomputed_when_sequences_are_cut_elsewhere(tmp_path, caplog):
+    """`train.seq_length` decides how many response tokens are scored: stored log-probs made
+    at another length are not reused."""
+    from trainer.reference import reference_identity
+
+    made = reference_identity(load_run_config(config("dpo"), []), [])
+    shorter = reference_identity(load_run_config(config("dpo"), ["train.seq_length=48"]), [])
+    path, ids, columns = str(tmp_path / "r.arrow"), ["a", "b"], ("chosen_logps", "rejected_logps")
+    StoredReference(None, path, made, ids, columns)._write(torch.zeros(2, 2, dtype=torch.float64))
+    assert StoredReference(None, path, made, ids, columns)._read() is not None
+    with caplog.at_level("WARNING"):
+        assert StoredReference(None, path, shorter, ids, columns)._read() is None
+    assert "seq_length differ" in caplog.text
