@@ -2,11 +2,14 @@
 
 Unknown keys, wrong types and bad override syntax raise `ConfigError` naming the dotted key, so a
 typo in a 20-key YAML file is reported as `config key 'optimizer.lrr': unknown key (known: ...)`.
+Values the types allow but the meaning does not (a negative β) are a dataclass's own
+`check_values(prefix)`, which `from_dict` calls with the section's dotted prefix ("dpo.").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -79,7 +82,22 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(prefix or "<root>", str(exc)) from None
+    check = getattr(obj, "check_values", None)
+    if callable(check):
+        check(f"{prefix}." if prefix else "")
     return obj
+
+
+def check_range(key: str, value: float, low: float | None = None, high: float | None = None, *,
+                open_low: bool = False, open_high: bool = False) -> None:
+    """ConfigError naming `key` unless `value` is a finite number within the bounds (None: no
+    bound; `open_*`: the bound itself excluded)."""
+    ok = math.isfinite(value) and (low is None or (value > low if open_low else value >= low)) \
+        and (high is None or (value < high if open_high else value <= high))
+    if not ok:
+        interval = (f"{'(' if open_low or low is None else '['}{'-inf' if low is None else low}, "
+                    f"{'inf' if high is None else high}{')' if open_high or high is None else ']'}")
+        raise ConfigError(key, f"must be a number in {interval}, got {value}")
 
 
 def to_dict(obj: Any) -> Any:

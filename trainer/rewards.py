@@ -14,6 +14,7 @@ completion. Functions take what they need and `**_` for the rest.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,6 +59,25 @@ def load_reward_function(spec: str, key: str) -> RewardFunction:
     if not callable(fn):
         raise ConfigError(key, f"{module_name} has no function {name!r}")
     return fn
+
+
+INPUTS = ("prompts", "completions", "prompt_ids", "completion_ids", "references")
+
+
+def check_reward_arguments(fn: RewardFunction, kwargs: dict[str, Any], key: str) -> None:
+    """ConfigError naming `key` (the `reward_kwargs` key) when `fn` cannot be called with the
+    inputs of a rollout plus `kwargs`: found before any model is built, not after a rollout."""
+    clash = sorted(set(kwargs) & set(INPUTS))
+    if clash:
+        raise ConfigError(key, f"{clash[0]!r} is an input every call passes; use another name")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no Python signature (a builtin): the first call checks it
+        return
+    try:
+        signature.bind(**dict.fromkeys(INPUTS, []), **kwargs)
+    except TypeError as exc:
+        raise ConfigError(key, f"{getattr(fn, '__name__', fn)}: {exc}") from None
 
 
 def call_reward_function(fn: RewardFunction, n: int, key: str, **inputs: Any) -> list[float]:

@@ -112,3 +112,37 @@ def test_gpu_local_spec_config_passes_megatron_validation(monkeypatch, fusions: 
         "model.transformer_impl=local", "model.fp8=null", f"model.local_fusions={fusions}"])
     config = model.transformer_config(cfg)
     assert config.bias_activation_fusion and not config.use_te_activation_func
+
+
+@pytest.mark.parametrize("stage, override, key", [
+    ("dpo", "dpo.loss_type=sigmiod", "dpo.loss_type"),
+    ("dpo", "dpo.beta=0", "dpo.beta"),
+    ("dpo", "dpo.beta=.nan", "dpo.beta"),
+    ("dpo", "dpo.loss_type=robust dpo.label_smoothing=0.5", "dpo.label_smoothing"),
+    ("dpo", "dpo.loss_type=ipo dpo.label_smoothing=0.1", "dpo.label_smoothing"),
+    ("dpo", "dpo.label_smoothing=1.5", "dpo.label_smoothing"),
+    ("simpo", "simpo.beta=0", "simpo.beta"),
+    ("orpo", "orpo.beta=-5", "orpo.beta"),
+    ("kto", "kto.desirable_weight=-1", "kto.desirable_weight"),
+    ("kto", "kto.desirable_weight=0 kto.undesirable_weight=0", "kto.desirable_weight"),
+    ("rm", "rm.center_rewards_coefficient=-0.1", "rm.center_rewards_coefficient"),
+    ("ppo", "ppo.clip_range=-0.5", "ppo.clip_range"),
+    ("ppo", "ppo.lam=1.5", "ppo.lam"),
+    ("ppo", "ppo.adaptive_kl=true ppo.kl_target=0", "ppo.kl_target"),
+    ("ppo", "ppo.adaptive_kl=true ppo.kl_horizon=0", "ppo.kl_horizon"),
+    ("grpo", "grpo.epsilon_low=1.5", "grpo.epsilon_low"),
+    ("grpo", "grpo.beta=-0.1", "grpo.beta"),
+])
+def test_stage_options_out_of_range_name_their_key(stage, override, key) -> None:
+    """Values the types allow but the loss cannot use: refused when the config loads, before
+    a model is built or a reference pass runs."""
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_run_config(str(CONFIGS / f"tiny-{stage}.yaml"), override.split())
+
+
+def test_stage_options_at_their_bounds_load() -> None:
+    for stage, override in [("dpo", "dpo.loss_type=robust dpo.label_smoothing=0.49"),
+                            ("dpo", "dpo.label_smoothing=0.5"), ("orpo", "orpo.beta=0"),
+                            ("grpo", "grpo.beta=0"), ("ppo", "ppo.kl_coef=0 ppo.gamma=1"),
+                            ("kto", "kto.undesirable_weight=0")]:
+        load_run_config(str(CONFIGS / f"tiny-{stage}.yaml"), override.split())

@@ -9,6 +9,7 @@ from kiln.errors import ConfigError
 from tests.trainer.conftest import ROOT
 from trainer.rewards import (
     call_reward_function,
+    check_reward_arguments,
     exact_match,
     id_range_fraction,
     load_reward_function,
@@ -49,6 +50,21 @@ def test_reward_function_results_are_checked():
         call_reward_function(lambda **_: ["a", "b"], 2, key)
 
 
+def test_reward_arguments_are_checked_against_the_function():
+    key = "grpo.reward_kwargs"
+    check_reward_arguments(id_range_fraction, {"low": 1, "high": 2}, key)
+    check_reward_arguments(exact_match, {"unused": 1}, key)  # `**_` takes the rest
+    with pytest.raises(ConfigError, match="missing a required argument: 'high'"):
+        check_reward_arguments(id_range_fraction, {"low": 1}, key)
+
+    def strict(*, prompts, completions, prompt_ids, completion_ids, references):
+        return []
+
+    check_reward_arguments(strict, {}, key)
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'x'"):
+        check_reward_arguments(strict, {"x": 1}, key)
+
+
 @pytest.mark.parametrize(("config", "override", "key"), [
     (PPO, "ppo.reward_function=null", "ppo.reward_function"),
     (GRPO, "train.global_batch_size=12", "train.global_batch_size"),
@@ -56,6 +72,9 @@ def test_reward_function_results_are_checked():
     (GRPO, "grpo.loss_type=sum", "grpo.loss_type"),
     (PPO, "ppo.top_p=0", "ppo.top_p"),
     (PPO, "train.seq_length=16", "train.seq_length"),
+    # a rule's own arguments, checked before any model is built
+    (GRPO, "grpo.reward_kwargs={}", "grpo.reward_kwargs"),
+    (GRPO, 'grpo.reward_kwargs={"low":1,"high":2,"prompts":3}', "grpo.reward_kwargs"),
 ])
 def test_stages_refuse_what_they_cannot_run(config, override, key):
     from trainer.config import load_run_config

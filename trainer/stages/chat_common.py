@@ -33,6 +33,9 @@ class ChatOptions:
     # the data jobs compute it), or the sha256 fingerprint. None: shards are not checked.
     tokenizer: str | None = None
 
+    def check_values(self, prefix: str) -> None:
+        """Each stage's bounds on its own options (kiln.config calls it when loading)."""
+
 
 def expected_fingerprint(tokenizer: str | None, key: str) -> str | None:
     """The fingerprint `<stage>.tokenizer` (config key `key`) names, None when unset."""

@@ -5,9 +5,12 @@ it each step; trainer/reference.py); chosen and rejected in one forward."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from kiln.config import check_range
+from kiln.errors import ConfigError
 from trainer.losses import dpo_loss
 from trainer.stages import Batch
 from trainer.stages.preference_common import ReferenceOptions, TwoSequenceStage, halves
@@ -16,8 +19,17 @@ from trainer.stages.preference_common import ReferenceOptions, TwoSequenceStage,
 @dataclass
 class DpoOptions(ReferenceOptions):
     beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     label_smoothing: float = 0.0  # cDPO ε (sigmoid), label-flip rate (robust)
+
+    def check_values(self, prefix: str) -> None:
+        check_range(f"{prefix}beta", self.beta, 0, open_low=True)
+        if self.loss_type in ("ipo", "hinge") and self.label_smoothing != 0:
+            raise ConfigError(f"{prefix}label_smoothing", f"loss_type={self.loss_type} has no "
+                              "label smoothing (sigmoid: cDPO, robust: the flip rate)")
+        # robust DPO divides by 1 - 2ε
+        check_range(f"{prefix}label_smoothing", self.label_smoothing, 0, 0.5,
+                    open_high=self.loss_type == "robust")
 
 
 class DpoStage(TwoSequenceStage):

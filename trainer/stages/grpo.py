@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from megatron.core.models.gpt import GPTModel
 
+from kiln.config import check_range
 from kiln.errors import ConfigError
 from tensor_parallel.vocab_parallel import vocab_parallel_entropy
 from trainer.rl_math import group_advantages, grpo_loss, masked_mean
@@ -30,6 +31,13 @@ class GrpoOptions(RolloutOptions):
     loss_type: Literal["bnpo", "grpo", "dr_grpo"] = "bnpo"  # token mean | sequence mean | Dr. GRPO
     # divide by the group's std | the DP rank's rollout std | nothing (Dr. GRPO)
     scale_rewards: Literal["group", "batch", "none"] = "group"
+
+    def check_values(self, prefix: str) -> None:
+        super().check_values(prefix)
+        check_range(f"{prefix}epsilon_low", self.epsilon_low, 0, 1, open_low=True, open_high=True)
+        if self.epsilon_high is not None:
+            check_range(f"{prefix}epsilon_high", self.epsilon_high, 0, open_low=True)
+        check_range(f"{prefix}beta", self.beta, 0)
 
 
 class GrpoStage(RLStage):

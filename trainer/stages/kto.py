@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.config import check_range
+from kiln.errors import ConfigError
 from tensor_parallel import runtime
 from trainer.losses import kto_kl_baseline, kto_loss
 from trainer.stages import Batch
@@ -21,6 +23,14 @@ class KtoOptions(ReferenceOptions):
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+
+    def check_values(self, prefix: str) -> None:
+        check_range(f"{prefix}beta", self.beta, 0, open_low=True)
+        for key in ("desirable_weight", "undesirable_weight"):
+            check_range(f"{prefix}{key}", getattr(self, key), 0)
+        if self.desirable_weight == self.undesirable_weight == 0:
+            raise ConfigError(f"{prefix}desirable_weight", "and undesirable_weight are both 0: "
+                              "nothing would be learned")
 
 
 class KtoStage(UnpairedStage):

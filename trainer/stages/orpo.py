@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.config import check_range
 from trainer.losses import orpo_loss
 from trainer.stages import Batch
 from trainer.stages.chat_common import ChatOptions
@@ -15,6 +16,9 @@ from trainer.stages.preference_common import TwoSequenceStage, halves
 @dataclass
 class OrpoOptions(ChatOptions):
     beta: float = 0.1  # λ of the paper: weight of the odds-ratio term
+
+    def check_values(self, prefix: str) -> None:
+        check_range(f"{prefix}beta", self.beta, 0)  # 0: the SFT term alone
 
 
 class OrpoStage(TwoSequenceStage):

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kiln.config import check_range
 from tensor_parallel.vocab_parallel import vocab_parallel_entropy
 from trainer.rl_math import (
     AdaptiveKLController,
@@ -47,6 +48,19 @@ class PpoOptions(RolloutOptions):
     kl_target: float = 6.0
     kl_horizon: int = 10000
     whiten_advantages: bool = True
+
+    def check_values(self, prefix: str) -> None:
+        super().check_values(prefix)
+        for key in ("gamma", "lam"):
+            check_range(f"{prefix}{key}", getattr(self, key), 0, 1)
+        for key in ("clip_range", "clip_range_value"):
+            check_range(f"{prefix}{key}", getattr(self, key), 0, open_low=True)
+        for key in ("vf_coef", "kl_coef"):
+            check_range(f"{prefix}{key}", getattr(self, key), 0)
+        check_range(f"{prefix}entropy_coef", self.entropy_coef)
+        if self.adaptive_kl:  # the controller divides by both
+            check_range(f"{prefix}kl_target", self.kl_target, 0, open_low=True)
+            check_range(f"{prefix}kl_horizon", self.kl_horizon, 1)
 
 
 class PpoStage(RLStage):

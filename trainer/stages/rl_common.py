@@ -55,7 +55,7 @@ from trainer.generate import SamplingParams, generate, load_frozen
 from trainer.model import build_gpt_chunks, check_fits_layout
 from trainer.reference import frozen_reference
 from trainer.reward_head import GPTRewardModel
-from trainer.rewards import call_reward_function, load_reward_function
+from trainer.rewards import call_reward_function, check_reward_arguments, load_reward_function
 from trainer.rollout import (
     RolloutBatch,
     forward_sequences,
@@ -115,6 +115,8 @@ class RLStage(ChatStage):
         self.steps_per_rollout = o.epochs * self.rollout_size // tr.global_batch_size
         self.reward_fn = (load_reward_function(o.reward_function, f"{sec}.reward_function")
                           if o.reward_function else None)
+        if self.reward_fn is not None:
+            check_reward_arguments(self.reward_fn, o.reward_kwargs, f"{sec}.reward_kwargs")
         self.tokenizer = None
         if o.tokenizer and os.path.isdir(o.tokenizer):
             self.tokenizer = spm.SentencePieceProcessor(

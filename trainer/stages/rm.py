@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.config import check_range
 from trainer.losses import reward_model_loss
 from trainer.model import build_gpt_chunks
 from trainer.reward_head import REWARD_HEAD, GPTRewardModel, sequence_rewards
@@ -19,6 +20,10 @@ from trainer.stages.preference_common import TwoSequenceStage, halves
 class RmOptions(ChatOptions):
     use_margin: bool = False  # subtract each pair's `margin` column (Llama 2)
     center_rewards_coefficient: float | None = None  # c · mean((r_w + r_l)²), keeps rewards near 0
+
+    def check_values(self, prefix: str) -> None:
+        if self.center_rewards_coefficient is not None:
+            check_range(f"{prefix}center_rewards_coefficient", self.center_rewards_coefficient, 0)
 
 
 class RewardModelStage(TwoSequenceStage):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.config import check_range
 from trainer.losses import simpo_loss
 from trainer.stages import Batch
 from trainer.stages.chat_common import ChatOptions
@@ -17,6 +18,11 @@ class SimpoOptions(ChatOptions):
     beta: float = 2.0
     gamma: float = 0.5  # absolute target margin γ (TRL's simpo_gamma)
     label_smoothing: float = 0.0
+
+    def check_values(self, prefix: str) -> None:
+        check_range(f"{prefix}beta", self.beta, 0, open_low=True)
+        check_range(f"{prefix}gamma", self.gamma)
+        check_range(f"{prefix}label_smoothing", self.label_smoothing, 0, 0.5)
 
 
 class SimpoStage(TwoSequenceStage):
