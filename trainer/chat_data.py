@@ -133,6 +133,33 @@ class DistributedSampler:
             yield self.next_global_batch()
 
 
+def _list_array(column: pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+
+
+def list_lengths(column: pa.ChunkedArray) -> np.ndarray:
+    return np.diff(_list_array(column).offsets.to_numpy())
+
+
+def trained_tokens(loss_mask: pa.ChunkedArray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a `loss_mask` list column: (its trained tokens, those a sequence cut to
+    `seq_len` inputs keeps). Targets are tokens 1…n-1 of n = min(len, seq_len + 1), as collated."""
+    array = _list_array(loss_mask)
+    bounds = array.offsets.to_numpy()
+    ones = np.concatenate([[0], np.cumsum(array.values.to_numpy(zero_copy_only=False) != 0)])
+    start, end = np.minimum(bounds[:-1] + 1, bounds[1:]), bounds[1:]
+    stop = np.minimum(bounds[:-1] + seq_len + 1, end)
+    return ones[end] - ones[start], ones[np.maximum(stop, start)] - ones[start]
+
+
+def kept_responses(prompt_ids: pa.ChunkedArray, response_ids: pa.ChunkedArray,
+                   seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: (response tokens, those a prompt + response sequence cut to `seq_len` inputs
+    keeps as targets)."""
+    total = list_lengths(response_ids)
+    return total, np.clip(seq_len + 1 - list_lengths(prompt_ids), 0, total)
+
+
 def _pad_to(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,8 +15,12 @@ from trainer.chat_data import (
     collate_preference,
     collate_sft,
     collate_unpaired,
+    kept_responses,
     kl_partners,
+    trained_tokens,
 )
+
+SAMPLES = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "data"
 
 
 def test_shard_set_reads_rows_and_refuses_mismatches(tmp_path):
@@ -97,3 +103,25 @@ def test_preference_and_unpaired_collate_layout():
     k = collate_unpaired(un, un[1:] + un[:1], None, pad_id=0)
     assert k.tokens.shape[0] == 6 and k.extra["label"].tolist() == [True, False, True]
     assert k.labels[3, 2] == 41  # KL pair 0 uses completion 1
+
+
+@pytest.mark.parametrize("seq_len", [24, 40, 64, 128])
+def test_cut_counts_equal_what_the_collators_train_on(seq_len):
+    """The stages' report of rows cut by train.seq_length (and which keep nothing) is column
+    arithmetic; it must count exactly the loss-mask tokens the collators emit."""
+    pref = ShardSet(str(SAMPLES / "sample-preference"), ["preference"], None)
+    rows = pref.rows(range(len(pref)))
+    mask = collate_preference(rows, None, 0, max_len=seq_len).loss_mask.sum(1)
+    for k, column in enumerate(("chosen_ids", "rejected_ids")):
+        total, kept = kept_responses(pref.table.column("prompt_ids"), pref.table.column(column),
+                                     seq_len)
+        assert kept.tolist() == mask[k * len(rows):(k + 1) * len(rows)].astype(int).tolist()
+        assert total.tolist() == [len(r[column]) for r in rows]
+    sft = ShardSet(str(SAMPLES / "sample-sft"), ["sft"], None)
+    rows = sft.rows(range(len(sft)))
+    total, kept = trained_tokens(sft.table.column("loss_mask"), seq_len)
+    assert kept.tolist() == collate_sft(rows, None, 0, max_len=seq_len).loss_mask.sum(1).astype(
+        int).tolist()
+    assert total.tolist() == [int(np.sum(r["loss_mask"][1:])) for r in rows]
+    if seq_len < 64:
+        assert (kept == 0).any() and (kept < total).any()  # the cases the report is for

@@ -60,3 +60,22 @@ def test_grpo_refuses_context_parallelism(tmp_path) -> None:
     assert "config key 'parallel.cp': stage grpo decodes whole sequences on one rank" in proc.stderr
     # each rank exits 1 with the one-line error (the launcher then reports the failed children)
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+
+
+def test_rows_cut_to_nothing_are_left_out_and_said(tmp_path) -> None:
+    """At train.seq_length=32 a fifth of the sample pairs keep no response token. ORPO's odds of
+    an empty response are undefined (every step was NaN and the run stopped); now those rows
+    are left out, the run says how many, and every step trains."""
+    proc = train(tmp_path, "orpo", "train.steps=3", "train.seq_length=32",
+                 "checkpoint.save=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.seq_length=32 cuts 222 of 239 chosen responses" in proc.stderr
+    assert "52 rows keep no trained token and are left out: 50 of 215 train" in proc.stderr
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")
+               if x]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 3 and all(r["skipped_steps"] == 0 for r in steps), steps
+    proc = train(tmp_path, "orpo", "train.seq_length=4")  # every prompt has 5 tokens or more
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: config key 'train.seq_length': 4 leaves no training row with a trained " \
+        "token" in proc.stderr

@@ -19,11 +19,14 @@ import numpy as np
 import torch
 
 from kiln.errors import ConfigError
+from kiln.log import get_logger
 from tensor_parallel import runtime
 from tensor_parallel.vocab_parallel import vocab_parallel_log_probs
 from trainer.chat_data import Batch as ArrayBatch
-from trainer.chat_data import DistributedSampler, ShardSet
+from trainer.chat_data import DistributedSampler, ShardSet, kept_responses, trained_tokens
 from trainer.stages import Batch, LossOutput, Stage
+
+log = get_logger("trainer.stages")
 
 
 @dataclass
@@ -113,6 +116,49 @@ class ChatStage(Stage):
         self.data = ShardSet(cfg.data.manifests[0], self.contracts,
                              expected_fingerprint(self.opts.tokenizer, key), fingerprint_key=key)
         self.train_rows, self.valid_rows = split_rows(len(self.data), cfg.data.split)
+        self._leave_out_cut_rows()
+
+    def trained_parts(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per part of a row that carries loss ("chosen responses"): each row's trained tokens,
+        and those left when sequences are cut to train.seq_length. None of the prompt stages."""
+        table, seq_len = self.data.table, self.cfg.train.seq_length
+        names = self.data.table.column_names
+        if "loss_mask" in names:
+            return {"responses": trained_tokens(table.column("loss_mask"), seq_len)}
+        parts = {"chosen_ids": "chosen responses", "rejected_ids": "rejected responses",
+                 "completion_ids": "completions"}
+        return {name: kept_responses(table.column("prompt_ids"), table.column(c), seq_len)
+                for c, name in parts.items() if c in names}
+
+    def _leave_out_cut_rows(self) -> None:
+        """Say how many rows train.seq_length cuts, and leave out those with nothing left to
+        train on: their loss would be a constant (DPO), undefined (ORPO's odds of an empty
+        response) or a reward read off the prompt (RM)."""
+        parts = self.trained_parts()
+        if not parts:
+            return
+        seq_len, n = self.cfg.train.seq_length, len(self.data)
+        cut = [f"{int(np.sum(kept < total))} of {n} {name}"
+               for name, (total, kept) in parts.items() if np.any(kept < total)]
+        empty = np.zeros(n, dtype=bool)
+        for _, kept in parts.values():
+            empty |= kept == 0
+        if not cut and not empty.any():
+            return
+        train = self.train_rows[~empty[self.train_rows]]
+        valid = self.valid_rows[~empty[self.valid_rows]]
+        made = self.data.manifest.extra.get("config") or {}
+        longest = (made.get("length") or {}).get("max_total_tokens") or made.get("max_seq_len")
+        log.warning("train.seq_length=%d cuts %s (the data job's length limit: %s)%s", seq_len,
+                    ", ".join(cut) or "no response", longest,
+                    "" if not empty.any() else
+                    f"; {int(empty.sum())} rows keep no trained token and are left out: "
+                    f"{len(self.train_rows) - len(train)} of {len(self.train_rows)} train, "
+                    f"{len(self.valid_rows) - len(valid)} of {len(self.valid_rows)} validation")
+        if len(train) == 0:
+            raise ConfigError("train.seq_length", f"{seq_len} leaves no training row with a "
+                              "trained token: raise it, or remake the data with a shorter length policy")
+        self.train_rows, self.valid_rows = train, valid
 
     def vocab_size(self) -> int:
         return self.cfg.model.vocab_size or int(self.data.manifest.tokenizer["vocab_size"])
