@@ -29,8 +29,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from kiln.config import dump_yaml
-from kiln.errors import ConfigError
+from kiln.config import dump_yaml, to_dict
+from kiln.errors import ConfigError, DataError
 from kiln.log import get_logger
 from kiln.paths import write_text
 from tensor_parallel import runtime
@@ -56,14 +56,21 @@ def checkpoint_root(cfg: Any) -> str:
 
 
 def latest_checkpoint(root: str) -> str | None:
-    """The directory `latest` names, or None when there is no complete checkpoint."""
+    """The directory `latest` names, or None when there is no checkpoint yet. A `latest` naming
+    a directory that is gone is an error: starting again from step 0 would prune and overwrite
+    what the run has."""
     marker = os.path.join(root, LATEST)
     if not os.path.exists(marker):
         return None
     with open(marker, encoding="utf-8") as f:
         name = f.read().strip()
     path = os.path.join(root, name)
-    return path if os.path.isdir(path) else None
+    if not os.path.isdir(path):
+        others = sorted(d for d in os.listdir(root) if d.startswith("step-"))
+        raise DataError(f"{LATEST} names {name}, which is missing; the checkpoints there: "
+                        f"{', '.join(others) or 'none'}. Write the one to resume from into "
+                        f"{marker}, or remove it to start again", path=marker)
+    return path
 
 
 def resolve(path: str) -> str:
@@ -171,7 +178,7 @@ class Saver:
         sd = _state_dict(t, optimizer=_METADATA, rng=True, is_loading=False)
         sd.update(stage=t.stage.sharded_state_dict(), scheduler=t.scheduler.state_dict(),
                   train_state=dataclasses.asdict(t.state), layout=_layout_key(),
-                  config=dump_yaml(t.cfg))
+                  config=dump_yaml(t.cfg), vocab_size=t.stage.vocab_size())
         keep = t.cfg.checkpoint.keep_last
 
         def publish() -> None:  # the previous checkpoint stays `latest` until this one is whole
@@ -224,6 +231,68 @@ def _prune(root: str, keep: int, current: str) -> None:
     for d in os.listdir(root):  # leftovers of saves that crashed
         if d.startswith(".partial-") and d != f".partial-{current}":
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+# model settings a checkpoint's weights only mean something under: the shapes, and what the
+# weights were trained to expect (RoPE base, norm epsilon); layout, precision, kernels, dropout
+# and the initialisation may change between runs
+SAME_MODEL = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+              "num_query_groups", "tie_embeddings", "qkv_bias", "rotary_base",
+              "rope_scaling_factor", "norm_epsilon")
+
+
+def check_starting_checkpoint(cfg: Any, vocab_size: int, path: str,
+                              key: str = "init.checkpoint") -> None:
+    """ConfigError when the checkpoint at `path` (its run config in common.pt) holds another
+    model than `cfg.model` over `vocab_size` tokens. dist_checkpointing would fail on some shapes
+    with a traceback, and pads or cuts a vocabulary of another size without a word."""
+    from trainer.config import ModelConfig
+
+    common = dist_checkpointing.load_common_state_dict(path)
+    if "config" not in common:  # not written by this trainer or `kiln import-hf`
+        return
+    run = yaml.safe_load(common["config"]) or {}
+    if run.get("stage") == "rm" and cfg.stage != "rm":
+        raise ConfigError(key, f"{path} is a reward model (stage: rm): its head scores text, "
+                          f"stage {cfg.stage} needs a language model")
+    defaults = to_dict(ModelConfig())
+
+    def value(model: dict[str, Any], name: str) -> Any:
+        v = model.get(name, defaults[name])
+        if name == "num_query_groups" and v is None:  # None: one group per head
+            return model.get("num_attention_heads", defaults["num_attention_heads"])
+        return v
+
+    mine, saved = to_dict(cfg.model), run.get("model") or {}
+    for name in SAME_MODEL:
+        if value(mine, name) != value(saved, name):
+            raise ConfigError(f"model.{name}", f"{value(mine, name)!r}, but {key} {path} was "
+                              f"trained with {value(saved, name)!r}: set it to match, or start "
+                              "from a checkpoint of this model")
+    check_vocabulary(common, path, vocab_size, cfg.model.make_vocab_size_divisible_by, key)
+
+
+def check_vocabulary(common: dict[str, Any], path: str, vocab_size: int, divisible_by: int,
+                     key: str) -> None:
+    """ConfigError naming `key` when the checkpoint at `path` (`common`: its common.pt) was
+    trained over another number of token ids than this run's `vocab_size`."""
+    saved = (yaml.safe_load(common.get("config") or "") or {}).get("model") or {}
+    theirs = common.get("vocab_size") or saved.get("vocab_size")
+    if theirs is None:  # saved before the vocabulary was recorded: its padded rows
+        from trainer.model import padded_vocab_size
+
+        rows = dist_checkpointing.load_tensors_metadata(path)[
+            "embedding.word_embeddings.weight"].global_shape[0]
+        padded = padded_vocab_size(vocab_size, divisible_by, runtime.layout().tp)
+        theirs = rows if rows != padded else None
+    if theirs is not None and theirs != vocab_size:
+        hint = (f"; if the data was tokenized with its tokenizer (an imported model's embedding "
+                f"may have spare rows), set model.vocab_size={theirs}" if theirs > vocab_size
+                else "")
+        raise ConfigError(key, f"{path} was trained over {theirs} token ids, this run has "
+                          f"{vocab_size} (model.vocab_size, else the data's tokenizer): the ids "
+                          f"would mean other tokens; tokenize the data with the checkpoint's "
+                          f"tokenizer{hint}")
 
 
 @torch.no_grad()

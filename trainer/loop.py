@@ -172,6 +172,10 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         raise ConfigError("parallel.cp", f"stage {cfg.stage} decodes whole sequences on one "
                           "rank, which context parallelism would split: use parallel.cp=1")
     stage.setup()
+    if cfg.init.checkpoint and not (cfg.checkpoint.resume and checkpoint.latest_checkpoint(
+            checkpoint.checkpoint_root(cfg))):
+        checkpoint.check_starting_checkpoint(cfg, stage.vocab_size(),
+                                             checkpoint.resolve(cfg.init.checkpoint))
     if runtime.is_logging_rank():
         _log_memory_plan(cfg, stage.vocab_size())
     vocab = padded_vocab_size(stage.vocab_size(), m.make_vocab_size_divisible_by, layout.tp)

@@ -255,3 +255,18 @@ def test_switching_optimizer_restarts_moments(resharded: Path) -> None:
     got, ref = losses(resharded / "switch_optimizer"), losses(resharded / "ref")[3:]
     assert got[0] == pytest.approx(ref[0], abs=1e-5, rel=0)  # the weights carried over
     assert abs(got[1] - ref[1]) > 1e-2
+
+
+def test_a_latest_marker_naming_a_missing_checkpoint_is_an_error(tmp_path: Path) -> None:
+    """Not a silent restart from step 0, which would prune the checkpoints that are there."""
+    from kiln.errors import DataError
+    from trainer.checkpoint import latest_checkpoint
+
+    (tmp_path / "step-00000004").mkdir()
+    (tmp_path / "latest").write_text("step-00000009\n")
+    with pytest.raises(DataError, match="latest names step-00000009, which is missing; the "
+                       "checkpoints there: step-00000004"):
+        latest_checkpoint(str(tmp_path))
+    (tmp_path / "latest").write_text("step-00000004\n")
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "step-00000004")
+    assert latest_checkpoint(str(tmp_path / "nothing-yet")) is None

@@ -79,3 +79,35 @@ def test_rows_cut_to_nothing_are_left_out_and_said(tmp_path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: config key 'train.seq_length': 4 leaves no training row with a trained " \
         "token" in proc.stderr
+
+
+def config_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    return line
+
+
+def test_refuses_a_starting_checkpoint_of_another_model(tmp_path) -> None:
+    """megatron pads or cuts an embedding of another size without a word (its vocabulary
+    tensors allow shape mismatches), and a changed RoPE base or tying loads as if nothing
+    differed: the checkpoint's own run config is compared first."""
+    pre, rm = tmp_path / "pre", tmp_path / "rm"
+    # the SFT model's shape over the byte-level pretraining sample (257 ids, not 512)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "trainer" / "main.py"), "--config",
+         str(ROOT / "trainer" / "configs" / "tiny-pretrain.yaml"), "--set", f"run_dir={pre}",
+         "train.steps=1", "model.hidden_size=64", "model.ffn_hidden_size=176",
+         "checkpoint.save=true"], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+        timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train(tmp_path / "r", "rm", f"run_dir={rm}", "checkpoint.save=true").returncode == 0
+    line = config_error(train(tmp_path / "a", "sft", f"init.checkpoint={pre}/checkpoints"))
+    assert "'init.checkpoint'" in line and "trained over 257 token ids, this run has 512" in line
+    line = config_error(train(tmp_path / "b", "dpo", f"init.checkpoint={rm}/checkpoints"))
+    assert "is a reward model (stage: rm)" in line
+    for override, key in [("model.rotary_base=500000", "model.rotary_base"),
+                          ("model.tie_embeddings=true", "model.tie_embeddings"),
+                          ("model.ffn_hidden_size=128", "model.ffn_hidden_size")]:
+        line = config_error(train(tmp_path / "c", "rm", f"init.checkpoint={rm}/checkpoints",
+                                  override))
+        assert f"'{key}'" in line and "was trained with" in line

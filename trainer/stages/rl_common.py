@@ -49,7 +49,7 @@ from kiln.log import get_logger
 from tensor_parallel import runtime
 from tensor_parallel.plan.memory import bytes_per_parameter
 from trainer.chat_data import DistributedSampler
-from trainer.checkpoint import resolve
+from trainer.checkpoint import check_vocabulary, resolve
 from trainer.config import ModelConfig
 from trainer.generate import SamplingParams, generate, load_frozen
 from trainer.model import build_gpt_chunks, check_fits_layout
@@ -146,13 +146,16 @@ class RLStage(ChatStage):
         if path is None:
             return None
         path = resolve(path)
-        saved = dist_checkpointing.load_common_state_dict(path).get("config")
+        common = dist_checkpointing.load_common_state_dict(path)
+        saved = common.get("config")
         if saved is None:
             raise ConfigError(f"{self.name}.reward_model", f"{path} holds no run config")
         run = yaml.safe_load(saved)
         if run.get("stage") != "rm":
             raise ConfigError(f"{self.name}.reward_model", f"{path} is a '{run.get('stage')}' "
                               "checkpoint, not a reward model (stage: rm)")
+        check_vocabulary(common, path, self.vocab_size(),
+                         self.cfg.model.make_vocab_size_divisible_by, f"{self.name}.reward_model")
         rm_cfg = copy.copy(self.cfg)
         rm_cfg.model = from_dict(ModelConfig, run["model"], "model")
         try:  # it runs under this run's layout
