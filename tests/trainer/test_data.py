@@ -11,7 +11,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from kiln.errors import DataError
+from kiln.errors import ConfigError, DataError
 from trainer.data.manifest import read_token_manifest
 from trainer.data.pretrain import build_token_data, micro_batches
 
@@ -105,3 +105,83 @@ def test_tokenizer_fingerprint_must_match_the_config(tmp_path: Path, one_rank_gr
                          valid_samples=0, cache_dir=str(tmp_path / "cache"),
                          fingerprint="sentencepiece-abc")
     assert err.value.field == "tokenizer.fingerprint" and "utf8-bytes-v1" in str(err.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "part-0.idx").write_bytes((r / "part-0.idx").read_bytes()[:40]), "size:"),
+    (lambda r: (r / "part-0.idx").write_bytes(b"x" * 100), "magic:"),
+    (lambda r: (r / "part-0.bin").write_bytes((r / "part-0.bin").read_bytes()[:10]),
+     ".bin size"),
+])
+def test_damaged_shard_is_named_before_training(tmp_path: Path, damage, message: str) -> None:
+    """Not megatron's traceback from inside a training step."""
+    root = write_dataset(tmp_path / "d", [list(range(1, 30))] * 3)
+    damage(root)
+    with pytest.raises(DataError) as err:
+        read_token_manifest(str(root))
+    assert err.value.field == "shards.path" and "damaged" in str(err.value)
+    assert message in str(err.value) and "part-0" in str(err.value)
+
+
+def test_manifest_row_count_must_match_the_index(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d", [list(range(1, 30))] * 3)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"][0]["rows"] = 4
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="holds 3 documents, the manifest says 4"):
+        read_token_manifest(str(root))
+
+
+def test_a_shard_with_no_validation_document_sits_the_split_out(tmp_path: Path,
+                                                                one_rank_group) -> None:
+    """Megatron splits each shard's documents: at 95,5,0 a shard of 5 documents has none to
+    validate on, and a GPTDataset asked for samples from no documents loops forever. The blend
+    of that split leaves it out; training still reads it; the training order is unchanged."""
+    small = write_dataset(tmp_path / "small", [list(range(1, 60))] * 5, vocab=257)
+    manifest = json.loads((small / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = read_token_manifest(str(SAMPLE)).fingerprint
+    (small / "manifest.json").write_text(json.dumps(manifest))
+
+    def build(paths, name):
+        return build_token_data(paths, None, "95,5,0", seq_length=32, seed=3, train_samples=64,
+                                valid_samples=8, cache_dir=str(tmp_path / name))
+
+    both = build([str(SAMPLE), str(small)], "both")  # returned at all: no hang
+    assert both.valid is not None and len(both.valid) >= 8
+    shards = {d.dataset_path for d in both.valid.datasets}
+    assert shards == {p for p in read_token_manifest(str(SAMPLE)).prefixes}
+    assert any("small" in d.dataset_path for d in both.train.datasets)
+    # the training blend is the one megatron's builder makes for all splits at once
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from trainer.data.pretrain import _DatasetTokenizer, _blend
+
+    ours = build([str(SAMPLE)], "ours")
+    prefixes, weights, _ = _blend([read_token_manifest(str(SAMPLE))], None)
+    config = GPTDatasetConfig(
+        random_seed=3, sequence_length=32, blend=(prefixes, weights), split="95,5,0",
+        path_to_cache=str(tmp_path / "megatron"), tokenizer=_DatasetTokenizer(257, 256),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False, mid_level_dataset_surplus=0.005)
+    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [64, 8, 0], lambda: True,
+                                                    config).build()
+    for mine, theirs in ((ours.train, train), (ours.valid, valid)):
+        assert len(mine) == len(theirs)
+        assert all(torch.equal(mine[i]["tokens"], theirs[i]["tokens"]) for i in range(len(mine)))
+    only = build([str(small)], "only")
+    assert only.valid is None and len(only.train) >= 64
+
+
+def test_blend_weights_are_checked(tmp_path: Path) -> None:
+    from trainer.data.pretrain import _blend
+
+    sample = read_token_manifest(str(SAMPLE))
+    other = read_token_manifest(str(write_dataset(tmp_path / "o", [list(range(1, 30))] * 3)))
+    prefixes, weights, docs = _blend([sample, other], [1.0, 0.0])  # a weight 0 is not read
+    assert prefixes == sample.prefixes and docs == sample.shard_documents
+    for bad in ([0.0, 0.0], [1.0, -1.0], [1.0, float("nan")], [1.0]):
+        with pytest.raises(ConfigError, match="data.weights"):
+            _blend([sample, other], bad)

@@ -3,6 +3,8 @@ order from a consumed-sample count so a resumed run sees exactly the samples it 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,18 +71,54 @@ def read_manifests(paths: list[str], fingerprint: str | None = None) -> list[Tok
     return manifests
 
 
-def _blend(manifests: list[TokenManifest], weights: list[float] | None) -> tuple[list[str], list[float]]:
-    """Shard prefixes and weights: a manifest's weight spread over its shards by token count."""
+def _blend(manifests: list[TokenManifest], weights: list[float] | None
+           ) -> tuple[list[str], list[float], list[int]]:
+    """Shard prefixes, weights (a manifest's weight spread over its shards by token count) and
+    document counts."""
     if weights is not None and len(weights) != len(manifests):
         raise ConfigError("data.weights", f"{len(weights)} weights for {len(manifests)} manifests")
-    prefixes, shard_weights = [], []
+    if weights is not None and (not all(math.isfinite(w) and w >= 0 for w in weights)
+                                or not any(w > 0 for w in weights)):
+        raise ConfigError("data.weights", f"{weights}: weights must be finite, >= 0, and not all 0")
+    prefixes, shard_weights, documents = [], [], []
     for i, m in enumerate(manifests):
+        if weights is not None and weights[i] == 0:
+            log.warning("data.weights gives %s weight 0: it is not read", m.path)
+            continue
         total = sum(m.shard_tokens) or len(m.prefixes)
-        for prefix, tokens in zip(m.prefixes, m.shard_tokens, strict=True):
+        for prefix, tokens, docs in zip(m.prefixes, m.shard_tokens, m.shard_documents,
+                                        strict=True):
             share = (tokens or 1) / total
             prefixes.append(prefix)
             shard_weights.append(share * (weights[i] if weights is not None else total))
-    return prefixes, shard_weights
+            documents.append(docs)
+    return prefixes, shard_weights, documents
+
+
+def _build_split(config: GPTDatasetConfig, split: int, samples: int, prefixes: list[str],
+                 weights: list[float], documents: list[int]) -> GPTDataset | None:
+    """One split (0 train, 1 validation) of the blend, from the shards that have documents in
+    it. Megatron splits every shard's documents by `data.split`, so a shard of a few documents
+    can have none in the validation share, and a `GPTDataset` asked for samples from no
+    documents loops forever (megatron's `_get_num_epochs`): such shards sit that split out."""
+    begin, end = config.split_matrix[split]
+    keep = [k for k, n in enumerate(documents) if round(end * n) > round(begin * n)]
+    name = ("training", "validation")[split]
+    if not keep:
+        if split == 0:
+            raise ConfigError("data.split", f"split {config.split!r} leaves no training data")
+        log.warning("data.split %r leaves no shard a validation document: no validation loss",
+                    config.split)
+        return None
+    if len(keep) < len(prefixes):
+        log.warning("data.split %r gives %d of %d shards no %s document (megatron splits each "
+                    "shard): %s draws from the other %d", config.split, len(prefixes) - len(keep),
+                    len(prefixes), name, name, len(keep))
+    part = dataclasses.replace(config, blend=([prefixes[k] for k in keep],
+                                              [weights[k] for k in keep]))
+    part.split_matrix = [config.split_matrix[i] if i == split else None for i in range(3)]
+    sizes = [samples if i == split else 0 for i in range(3)]
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, part).build()[split]
 
 
 def build_token_data(manifest_paths: list[str], weights: list[float] | None, split: str, *,
@@ -93,17 +131,18 @@ def build_token_data(manifest_paths: list[str], weights: list[float] | None, spl
     if eod_mask_loss and first.eod_id is None:
         raise ConfigError("data.eod_mask_loss", f"{first.path} names no tokenizer.eod_id")
     eod = first.eod_id if first.eod_id is not None else first.vocab_size
-    prefixes, shard_weights = _blend(manifests, weights)
+    prefixes, shard_weights, documents = _blend(manifests, weights)
     os.makedirs(cache_dir, exist_ok=True)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, shard_weights),
         split=split, path_to_cache=cache_dir, tokenizer=_DatasetTokenizer(first.vocab_size, eod),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=eod_mask_loss,
         create_attention_mask=False, mid_level_dataset_surplus=0.005)
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
-    if train is None:
+    if config.split_matrix[0] is None:
         raise ConfigError("data.split", f"split {split!r} leaves no training data")
+    train = _build_split(config, 0, train_samples, prefixes, shard_weights, documents)
+    valid = (_build_split(config, 1, valid_samples, prefixes, shard_weights, documents)
+             if valid_samples > 0 and config.split_matrix[1] is not None else None)
     log.info("data: %d shards from %d manifests; %d train / %s valid samples of %d tokens",
              len(prefixes), len(manifests), len(train), len(valid) if valid else 0, seq_length)
     return TokenData(train=train, valid=valid, vocab_size=first.vocab_size,
