@@ -157,7 +157,7 @@ def test_a_shard_with_no_validation_document_sits_the_split_out(tmp_path: Path,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    from trainer.data.pretrain import _DatasetTokenizer, _blend
+    from trainer.data.pretrain import _blend, _DatasetTokenizer
 
     ours = build([str(SAMPLE)], "ours")
     prefixes, weights, _ = _blend([read_token_manifest(str(SAMPLE))], None)
