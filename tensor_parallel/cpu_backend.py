@@ -347,13 +347,20 @@ def enable() -> None:
     schedules.forward_step = _outside_device_mapping(schedules.forward_step)
     schedules.backward_step = _outside_device_mapping(schedules.backward_step)
     # what runs under those two and still names CUDA: the RoPE table's context-parallel slice
-    # (a pinned index tensor moved with `.cuda()`)
+    # (a pinned index tensor moved with `.cuda()`), and the causal masks of megatron's unfused
+    # softmax (`model.local_attention=megatron`; `device="cuda"`)
+    from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
     from megatron.core.models.common.embeddings import yarn_rotary_pos_embedding as yarn
+    from megatron.core.transformer import utils as transformer_utils
 
     cp_slice = _with_device_mapping(rope_utils.get_pos_emb_on_this_cp_rank)
     for module in (rope_utils, rotary_pos_embedding, yarn):
         module.get_pos_emb_on_this_cp_rank = cp_slice
+    for name in ("get_default_causal_mask", "get_sliding_window_causal_mask"):
+        masks = _with_device_mapping(getattr(transformer_utils, name))
+        for module in (transformer_utils, fused_softmax):
+            setattr(module, name, masks)
     _mode = _CudaToCpu()
     _mode.__enter__()
     kept = keep_freed_memory()

@@ -18,11 +18,18 @@ TIED = "model.tie_embeddings=true"
 OVERLAP = ["parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
            "parallel.overlap_param_gather=true"]
 
+MEGATRON_KERNELS = ["model.local_attention=megatron", "model.local_fusions=false"]
+
 # name -> (ranks, reference, overrides)
 LAYOUTS = {
     "recompute_full": (1, "ref2", ["model.recompute=full"]),
     "recompute_selective": (1, "ref2", ["model.recompute=selective"]),
     "accumulation_4": (1, "ref2", ["train.micro_batch_size=2"]),
+    # megatron's own kernels of the local spec (unfused softmax with its causal mask, torch
+    # norms, SwiGLU and RoPE as op chains) under megatron's schedule
+    "megatron_kernels": (1, "ref2", MEGATRON_KERNELS),
+    "tp2_megatron_kernels_selective": (2, "ref2", ["parallel.tp=2", "model.recompute=selective",
+                                                   *MEGATRON_KERNELS]),
     "tp2": (2, "ref2", ["parallel.tp=2", SAVE]),
     "tp2_sequence_parallel": (2, "ref2", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2_1f1b": (2, "ref2", ["parallel.pp=2", SAVE]),
