@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kiln.config import load_config, parse_override, read_yaml
+from kiln.config import check_range, load_config, parse_override, read_yaml
 from kiln.errors import ConfigError
 
 
@@ -53,6 +53,25 @@ class ModelConfig:
     # layouts. Costs one full-tensor draw per layer on each rank: off for large models.
     layout_independent_init: bool = True
 
+    def check_values(self, prefix: str) -> None:
+        """Shape arithmetic a Llama-style model needs (the layout's own rules, heads by TP and
+        layers by PP, are checked with the layout)."""
+        for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                    "make_vocab_size_divisible_by"):
+            check_range(f"{prefix}{key}", getattr(self, key), 1)
+        heads, groups = self.num_attention_heads, self.num_query_groups or self.num_attention_heads
+        if groups < 1 or heads % groups:
+            raise ConfigError(f"{prefix}num_query_groups", f"{groups} does not divide "
+                              f"{prefix}num_attention_heads {heads}")
+        if self.hidden_size % heads or (self.hidden_size // heads) % 2:
+            raise ConfigError(f"{prefix}hidden_size", f"{self.hidden_size} / {heads} heads must "
+                              "be a whole, even head size (RoPE rotates pairs of dimensions)")
+        if self.vocab_size is not None:
+            check_range(f"{prefix}vocab_size", self.vocab_size, 1)
+        check_range(f"{prefix}norm_epsilon", self.norm_epsilon, 0, open_low=True)
+        for key in ("hidden_dropout", "attention_dropout"):
+            check_range(f"{prefix}{key}", getattr(self, key), 0, 1, open_high=True)
+
 
 @dataclass
 class ParallelConfig:
@@ -89,6 +108,13 @@ class OptimizerConfig:
         if self.min_lr > self.lr:
             raise ConfigError("optimizer.min_lr", f"{self.min_lr} is above optimizer.lr {self.lr}")
 
+    def check_values(self, prefix: str) -> None:
+        for key in ("lr", "min_lr", "weight_decay", "clip_grad"):
+            check_range(f"{prefix}{key}", getattr(self, key), 0)  # clip_grad 0: no clipping
+        for key in ("adam_beta1", "adam_beta2"):
+            check_range(f"{prefix}{key}", getattr(self, key), 0, 1, open_high=True)
+        check_range(f"{prefix}adam_eps", self.adam_eps, 0, open_low=True)
+
 
 @dataclass
 class ScheduleConfig:
@@ -97,6 +123,11 @@ class ScheduleConfig:
     warmup_steps: int = 0
     decay_steps: int | None = None  # None: train.steps
     style: Literal["cosine", "linear", "constant", "inverse-square-root"] = "cosine"
+
+    def check_values(self, prefix: str) -> None:
+        check_range(f"{prefix}warmup_steps", self.warmup_steps, 0)
+        if self.decay_steps is not None:
+            check_range(f"{prefix}decay_steps", self.decay_steps, 1)
 
 
 def parse_signals(names: list[str]) -> list[signal.Signals]:
@@ -141,6 +172,11 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ConfigError(f"train.{key}", f"{value} is not a positive number of minutes")
+        for key in ("steps", "save_every", "eval_every"):
+            check_range(f"train.{key}", getattr(self, key), 0)  # steps 0: evaluate only
+        for key in ("micro_batch_size", "global_batch_size", "seq_length", "log_every",
+                    "eval_batches", "max_bad_steps"):
+            check_range(f"train.{key}", getattr(self, key), 1)
         if self.profile_steps is not None and not (
                 len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <= self.profile_steps[1]):
             raise ConfigError("train.profile_steps",

@@ -18,6 +18,7 @@ from trainer.rewards import (
 
 PPO = str(ROOT / "trainer" / "configs" / "tiny-ppo.yaml")
 GRPO = str(ROOT / "trainer" / "configs" / "tiny-grpo.yaml")
+SFT = str(ROOT / "trainer" / "configs" / "tiny-sft.yaml")
 
 
 def test_rule_rewards():
@@ -72,6 +73,10 @@ def test_reward_arguments_are_checked_against_the_function():
     (GRPO, "grpo.loss_type=sum", "grpo.loss_type"),
     (PPO, "ppo.top_p=0", "ppo.top_p"),
     (PPO, "train.seq_length=16", "train.seq_length"),
+    (GRPO, "data.split=1,99,0", "grpo.prompts_per_rollout"),
+    # a split smaller than a global batch: at start, not at the last validation
+    (SFT, "data.split=99,1,0", "data.split"),
+    (SFT, "data.split=0,100,0", "data.split"),
     # a rule's own arguments, checked before any model is built
     (GRPO, "grpo.reward_kwargs={}", "grpo.reward_kwargs"),
     (GRPO, 'grpo.reward_kwargs={"low":1,"high":2,"prompts":3}', "grpo.reward_kwargs"),

@@ -117,6 +117,17 @@ class ChatStage(Stage):
                              expected_fingerprint(self.opts.tokenizer, key), fingerprint_key=key)
         self.train_rows, self.valid_rows = split_rows(len(self.data), cfg.data.split)
         self._leave_out_cut_rows()
+        self.check_split_sizes()
+
+    def check_split_sizes(self) -> None:
+        """A split smaller than one global batch fails now, not when the last validation runs
+        after the whole training."""
+        gbs, n = self.cfg.train.global_batch_size, len(self.data)
+        for name, rows in (("training", self.train_rows), ("validation", self.valid_rows)):
+            if len(rows) < gbs and (len(rows) or name == "training"):
+                raise ConfigError("data.split", f"{self.cfg.data.split!r} leaves {len(rows)} of "
+                                  f"{n} rows for {name}, fewer than one global batch "
+                                  f"(train.global_batch_size={gbs})")
 
     def trained_parts(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per part of a row that carries loss ("chosen responses"): each row's trained tokens,

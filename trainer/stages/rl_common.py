@@ -121,12 +121,22 @@ class RLStage(ChatStage):
         if o.tokenizer and os.path.isdir(o.tokenizer):
             self.tokenizer = spm.SentencePieceProcessor(
                 model_file=os.path.join(o.tokenizer, "tokenizer.model"))
+        if o.prompts_per_rollout % runtime.dp_size():
+            raise ConfigError(f"{sec}.prompts_per_rollout", f"{o.prompts_per_rollout} does not "
+                              f"divide over the data-parallel size {runtime.dp_size()}")
         self.sampler = DistributedSampler(len(self.train_rows), o.prompts_per_rollout,
                                           runtime.dp_rank(), runtime.dp_size(), tr.seed)
         self.rollout: RolloutBatch | None = None
         self.rollout_metrics: dict[str, float] = {}
         self._minibatches: deque[torch.Tensor] = deque()  # this DP rank's rows of each step left
         self._step_rows: torch.Tensor | None = None  # ... and of the step in training
+
+    def check_split_sizes(self) -> None:
+        """Prompts are drawn a rollout at a time; nothing is validated."""
+        n, per = len(self.train_rows), self.opts.prompts_per_rollout
+        if n < per:
+            raise ConfigError(f"{self.name}.prompts_per_rollout", f"{per} is more than the {n} "
+                              f"training prompts (data.split {self.cfg.data.split!r})")
 
     def valid_batches(self) -> Iterator[Batch] | None:
         return None  # progress is the reward of each rollout
