@@ -401,6 +401,16 @@ def _load_strategy(cfg: Any, path: str) -> Any:
 
 
 @torch.no_grad()
+def _log_schedule_change(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """The learning-rate schedule follows the config on resume: say what differs from the one
+    the checkpoint was trained under."""
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in sorted(now)
+               if k != "num_steps" and k in saved and saved[k] != now[k]]
+    if changed:
+        log.warning("the learning-rate schedule differs from the checkpoint's; it follows the "
+                    "config from step %d on: %s", saved.get("num_steps", 0), ", ".join(changed))
+
+
 def restore(t: Trainer) -> None:
     """Resume from `<checkpoint dir>/latest`, else start from `init.checkpoint`, else do nothing."""
     cfg = t.cfg
@@ -433,6 +443,7 @@ def restore(t: Trainer) -> None:
         unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
     for key, value in common["train_state"].items():
         setattr(t.state, key, value)
+    _log_schedule_change(common["scheduler"], t.scheduler.state_dict())
     t.scheduler.load_state_dict(common["scheduler"])
     if restart is None:
         _load_optimizer(t.optimizer, loaded["optimizer"], t.state.step - t.state.skipped_steps)

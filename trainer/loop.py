@@ -127,9 +127,11 @@ class Trainer:
         if not self._grads_finite(reduced):
             return False, reduced
         _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        applied = self.scheduler.get_lr(self.optimizer.param_groups[0])
+        self.scheduler.step(increment=1)  # the next step's
         if reduced is not None:
             reduced["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+            reduced["lr"] = applied
         return True, reduced
 
     def evaluate(self) -> dict[str, float] | None:
@@ -204,7 +206,10 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         optimizer, init_lr=0.0 if s.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=s.warmup_steps, lr_decay_steps=max(decay, s.warmup_steps + 1),
         lr_decay_style=s.style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=max(decay, 1), wd_incr_style="constant")
+        wd_incr_steps=max(decay, 1), wd_incr_style="constant",
+        # the config's schedule, not the checkpoint's, on resume (extending train.steps extends
+        # the decay); the checkpoint gives the step count, and a change is logged when restored
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
     tcfg.finalize_model_grads_func = finalize_model_grads
     tcfg.grad_scale_func = optimizer.scale_loss
 
@@ -306,6 +311,8 @@ def _step_record(t: Trainer, result: dict[str, float] | None, tokens_per_s: floa
     """One metrics.jsonl line: step, loss (+ stage metrics), lr, grad and weight norms,
     throughput, memory."""
     tflops = tokens_per_s * flops_per_tok / 1e12 / runtime.world_size()
+    # `lr` is the rate this step applied (taken before the scheduler moved on; a skipped step
+    # applied none and leaves the current one); Megatron-LM and HF log the next step's
     record = {"step": t.state.step, "lr": t.scheduler.get_lr(t.optimizer.param_groups[0]),
               "params_norm": params_norm(t.optimizer),
               "tokens_per_s": tokens_per_s, "tflops_per_rank": tflops,
@@ -356,7 +363,6 @@ def _train_steps(t: Trainer, cfg: RunConfig, saver: checkpoint.Saver, writer: Me
             if step % tr.log_every == 0 or last or evaluate or not applied or requested:
                 elapsed = time.perf_counter() - window
                 record = _step_record(t, result, tokens / max(elapsed, 1e-9), flops, peak)
-                tokens, window = 0, time.perf_counter()
                 if requested is not None:
                     record["stopped"] = requested[0]
             if evaluate:
@@ -375,6 +381,8 @@ def _train_steps(t: Trainer, cfg: RunConfig, saver: checkpoint.Saver, writer: Me
             saved = None
             if cfg.checkpoint.save and ((tr.save_every and step % tr.save_every == 0) or last):
                 saved = saver.save(t)
+            if record:  # the next window starts after this step's evaluation and save
+                tokens, window = 0, time.perf_counter()
             if requested is not None:
                 if cfg.checkpoint.save and saved is None:
                     saved = saver.save(t)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,22 @@ def test_cpu_benchmark_runs_and_ends_with_its_json_line() -> None:
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last["ours_tokens_per_s"] > 0 and last["hf_tokens_per_s"] > 0 and last["goal"] == 1.0
     assert last["ratio"] > 0 and last["best_ratio"] > 0
+
+
+def test_logged_lr_is_the_one_each_step_applied_and_the_config_schedule_wins_on_resume(
+        tmp_path: Path) -> None:
+    """Megatron's schedule with 2 warm-up steps and cosine decay to step 4: steps 1-4 apply
+    0, lr/2, lr, then half-way down. Resumed with train.steps=6 the decay follows the config
+    (it used to keep the checkpoint's and sit at min_lr), and the change is said."""
+    sched = ["optimizer.lr=1e-3", "optimizer.min_lr=1e-4", "schedule.warmup_steps=2",
+             "train.log_every=1", "train.eval_every=0", "checkpoint.save=true",
+             f"run_dir={tmp_path}"]
+    assert run_main("--set", *sched, "train.steps=4").returncode == 0
+    lrs = [r["lr"] for r in metrics(tmp_path) if "loss" in r]
+    assert lrs == pytest.approx([0.0, 5e-4, 1e-3, 5.5e-4], abs=1e-12)
+    proc = run_main("--set", *sched, "train.steps=6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "it follows the config from step 4 on: lr_decay_steps 4 -> 6" in proc.stderr
+    lrs = [r["lr"] for r in metrics(tmp_path) if "loss" in r]
+    assert lrs[4:] == pytest.approx([5.5e-4, 1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 3 / 4))],
+                                    abs=1e-12)
