@@ -401,6 +401,16 @@ def _load_strategy(cfg: Any, path: str) -> Any:
 
 
 @torch.no_grad()
+def resume_position(cfg: Any) -> tuple[int, int] | None:
+    """(step, consumed samples) of the checkpoint this run will resume from, None when it
+    starts afresh: data is built before the weights are restored, and must reach as far."""
+    path = latest_checkpoint(checkpoint_root(cfg)) if cfg.checkpoint.resume else None
+    if path is None:
+        return None
+    state = dist_checkpointing.load_common_state_dict(path)["train_state"]
+    return state["step"], state["consumed_samples"]
+
+
 def _log_schedule_change(saved: dict[str, Any], now: dict[str, Any]) -> None:
     """The learning-rate schedule follows the config on resume: say what differs from the one
     the checkpoint was trained under."""

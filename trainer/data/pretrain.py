@@ -160,7 +160,10 @@ def micro_batches(dataset: GPTDataset, *, start_sample: int, micro_batch_size: i
     index = start_sample
     while True:
         first = index + dp_rank * micro_batch_size
-        samples = [dataset[(first + j) % len(dataset)] for j in range(micro_batch_size)]
+        if first + micro_batch_size > len(dataset):
+            raise DataError(f"sample {first + micro_batch_size - 1} is past the {len(dataset)} "
+                            "samples built for this run")
+        samples = [dataset[first + j] for j in range(micro_batch_size)]
         index += micro_batch_size * dp_size
         yield {
             "tokens": torch.stack([s["tokens"] for s in samples]),

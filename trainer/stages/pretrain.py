@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 from kiln.errors import ConfigError
 from tensor_parallel import runtime
+from trainer import checkpoint
 from trainer.data.pretrain import TokenData, build_token_data, micro_batches
 from trainer.stages import Batch, Stage
 
@@ -18,11 +19,17 @@ class PretrainStage(Stage):
     def setup(self) -> None:
         cfg = self.cfg
         train, data = cfg.train, cfg.data
-        evals = (train.steps // train.eval_every if train.eval_every else 0) + 1
+        samples = train.steps * train.global_batch_size
+        resumed = checkpoint.resume_position(cfg)
+        if resumed is not None:  # a resume under another global batch reads past steps × batch
+            step, consumed = resumed
+            samples = max(samples, consumed + max(train.steps - step, 0) * train.global_batch_size)
         self.data: TokenData = build_token_data(
             data.manifests, data.weights, data.split, seq_length=train.seq_length,
-            seed=train.seed, train_samples=train.steps * train.global_batch_size,
-            valid_samples=evals * train.eval_batches * train.global_batch_size,
+            seed=train.seed, train_samples=samples,
+            # every evaluation reads the same first eval_batches global batches, so validation
+            # losses compare across evaluations and across runs of other lengths
+            valid_samples=train.eval_batches * train.global_batch_size,
             cache_dir=os.path.join(cfg.run_dir, "cache", "data"),
             eod_mask_loss=data.eod_mask_loss, fingerprint=data.tokenizer_fingerprint)
 
