@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from kiln.config import from_dict, read_yaml
 from kiln.errors import UsageError
@@ -21,20 +23,61 @@ from tensor_parallel.plan.memory import (
 from tensor_parallel.plan.ranking import Plan, context_parallel_sizes, plan_layouts
 
 
-def load_model(spec: str) -> ModelShape:
-    """A named size (`llama-8b`) or a trainer YAML whose `model:` section gives the shape."""
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# what a command line leaves unset and the config does not say
+DEFAULTS = {"micro_batch_size": 1, "global_batch_size": 512, "dtype": "bf16", "backend": "te"}
+
+
+def load_model(spec: str, vocab_size: int | None = None) -> tuple[ModelShape, dict[str, Any]]:
+    """A named size (`llama-8b`), or a trainer YAML: the shape from its `model:` section (a
+    vocabulary it leaves to the data from its first manifest's tokenizer, unless `vocab_size`),
+    and the sequence length, batch sizes, dtype and kernels it trains with."""
     if spec in NAMED_MODELS:
-        return NAMED_MODELS[spec]
+        return NAMED_MODELS[spec], {}
     if not spec.endswith((".yaml", ".yml")):
         raise UsageError(f"--model '{spec}' is neither a known size "
                          f"({', '.join(NAMED_MODELS)}) nor a .yaml config")
-    section = read_yaml(spec).get("model")
+    doc = read_yaml(spec)
+    section, train = doc.get("model"), doc.get("train") or {}
     if not isinstance(section, dict):
         raise UsageError(f"{spec}: no 'model:' section")
+    section = dict(section)
+    if section.get("num_query_groups") is None:  # the trainer's None: one group per head
+        section["num_query_groups"] = section.get("num_attention_heads")
+    if vocab_size is not None:
+        section["vocab_size"] = vocab_size
+    elif section.get("vocab_size") is None:
+        section["vocab_size"] = _data_vocab_size(spec, doc)
+    if "seq_length" not in section and "seq_length" in train:
+        section["seq_length"] = train["seq_length"]
     known = {f.name for f in dataclasses.fields(ModelShape)}
     # The trainer's model section has more keys (rope base, init...): take the ones shapes need.
     shape = from_dict(ModelShape, {k: v for k, v in section.items() if k in known}, prefix="model")
-    return dataclasses.replace(shape, name=spec)
+    te = section.get("transformer_impl") == "transformer_engine"
+    megatron_kernels = (section.get("local_attention") == "megatron"
+                        and section.get("local_fusions") is False)
+    trained = {"micro_batch_size": train.get("micro_batch_size"),
+               "global_batch_size": train.get("global_batch_size"),
+               "dtype": "fp8" if section.get("fp8") else section.get("precision", "fp32"),
+               "backend": "te" if te else "local" if megatron_kernels else "sdpa"}
+    return dataclasses.replace(shape, name=spec), {k: v for k, v in trained.items() if v}
+
+
+def _data_vocab_size(spec: str, doc: dict[str, Any]) -> int:
+    """The vocabulary of the tokenizer in the config's first data manifest (`manifest.json`'s
+    `tokenizer.vocab_size`, the one field read here), found as the trainer finds it."""
+    manifests = (doc.get("data") or {}).get("manifests") or []
+    for path in manifests[:1]:
+        for base in ("", REPO_ROOT):
+            candidate = os.path.join(base, path)
+            file = os.path.join(candidate, "manifest.json") if os.path.isdir(candidate) else candidate
+            if os.path.isfile(file):
+                with open(file, encoding="utf-8") as f:
+                    vocab = (json.load(f).get("tokenizer") or {}).get("vocab_size")
+                if isinstance(vocab, int):
+                    return vocab
+    raise UsageError(f"{spec}: model.vocab_size is left to the data, and no data manifest "
+                     "gives tokenizer.vocab_size; pass --vocab-size")
 
 
 def _gib(n: int) -> str:
@@ -103,14 +146,20 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--gpus", type=int, required=True)
     parser.add_argument("--gpu-memory-gb", type=float, required=True, help="memory per GPU in GiB (an 80 GB H100 has 79.6 GiB)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--seq-length", type=int, help="default: the model's seq_length")
-    parser.add_argument("--micro-batch-size", type=int, default=1)
-    parser.add_argument("--global-batch-size", type=int, default=512)
-    parser.add_argument("--dtype", choices=["bf16", "fp8", "fp32"], default="bf16")
-    parser.add_argument("--backend", choices=["te", "sdpa", "local"], default="te",
+    # unset: a trainer config's own setting, else the default shown
+    parser.add_argument("--seq-length", type=int,
+                        help="default: the config's train.seq_length, else the model's (4096)")
+    parser.add_argument("--micro-batch-size", type=int, help="default: the config's, else 1")
+    parser.add_argument("--global-batch-size", type=int, help="default: the config's, else 512")
+    parser.add_argument("--vocab-size", type=int,
+                        help="default: the config's, else its data manifest's tokenizer")
+    parser.add_argument("--dtype", choices=["bf16", "fp8", "fp32"],
+                        help="default: the config's precision (fp8 when model.fp8), else bf16")
+    parser.add_argument("--backend", choices=["te", "sdpa", "local"],
                         help="te: Transformer Engine kernels (GPU); sdpa: the trainer's local spec "
                              "on CPU (SDPA attention, fused ops); local: megatron's own local spec "
-                             "(local_attention=megatron, local_fusions=false)")
+                             "(local_attention=megatron, local_fusions=false). Default: the "
+                             "config's kernels, else te")
     parser.add_argument("--cp", default="auto",
                         help="context-parallel sizes to consider, e.g. 1 or 1,2,4,16 (auto: 1 and "
                              "the powers of two up to --gpus-per-node)")
@@ -120,7 +169,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print every ranked layout as JSON")
     args = parser.parse_args(argv)
 
-    model = load_model(args.model)
+    if args.seq_length is not None and args.seq_length <= 0:
+        raise UsageError("--seq-length must be positive")
+    model, trained = load_model(args.model, args.vocab_size)
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, trained.get(key, default))
     for flag in ("gpus", "gpus_per_node", "micro_batch_size", "global_batch_size"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
@@ -132,7 +186,8 @@ def main(argv: Sequence[str]) -> int:
     plans, rejected = plan_layouts(model, args.gpus, args.gpu_memory_gb, setup,
                                    args.gpus_per_node, args.reserve_gb, cp_sizes)
     if not plans:
-        reasons = "; ".join(f"{n} x {why}" for why, n in sorted(rejected.items()))
+        reasons = "; ".join(f"{n} x {why}" for why, n in sorted(rejected.items())) or \
+            f"--cp {args.cp}: no context-parallel size there divides the GPUs into a layout"
         raise UsageError(f"no valid layout of {model.name} on {args.gpus} GPUs ({reasons})")
     fitting = sum(p.fits for p in plans)
     if args.json:

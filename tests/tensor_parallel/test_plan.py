@@ -407,3 +407,33 @@ def test_cli_rejects_heads_not_divisible_by_query_groups(tmp_path, capsys):
                       "num_attention_heads: 6, num_query_groups: 4, vocab_size: 100}\n")
     assert run_main(main, ["--model", str(config), "--gpus", "2", "--gpu-memory-gb", "8"]) == 2
     assert "not divisible by model.num_query_groups" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, parameters, seq, batch, dtype", [
+    ("tiny-pretrain", None, 128, 8, "fp32"), ("tiny-sft", None, 128, 8, "fp32"),
+    ("llama-1b", 1_235_814_400, 4096, 512, "fp8"), ("llama-8b", 8_030_261_248, 8192, 512, "fp8"),
+])
+def test_cli_plans_the_shipped_trainer_configs(name, parameters, seq, batch, dtype, capsys):
+    """Their train: section sets the sequence and batches, precision the dtype, and a vocabulary
+    left to the data comes from the data manifest's tokenizer (the tiny configs)."""
+    config = Path(__file__).resolve().parents[2] / "trainer" / "configs" / f"{name}.yaml"
+    argv = ["--model", str(config), "--gpus", "8", "--gpu-memory-gb", "80", "--json"]
+    assert run_main(main, argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    setup, model = report["setup"], report["model"]
+    assert (setup["seq_length"], setup["global_batch_size"], setup["dtype"]) == (seq, batch, dtype)
+    assert model["vocab_size"] == {"tiny-pretrain": 257, "tiny-sft": 512}.get(name, 128256)
+    assert parameters is None or report["parameters"] == parameters
+    assert run_main(main, [*argv, "--global-batch-size", "64", "--dtype", "bf16"]) == 0
+    setup = json.loads(capsys.readouterr().out)["setup"]
+    assert (setup["global_batch_size"], setup["dtype"]) == (64, "bf16")
+
+
+def test_cli_asks_for_a_vocabulary_the_config_cannot_give(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {num_layers: 2, hidden_size: 64, ffn_hidden_size: 128, "
+                      "num_attention_heads: 4}\ndata: {manifests: [nowhere]}\n")
+    argv = ["--model", str(config), "--gpus", "2", "--gpu-memory-gb", "8"]
+    assert run_main(main, argv) == 2
+    assert "pass --vocab-size" in capsys.readouterr().err
+    assert run_main(main, [*argv, "--vocab-size", "300"]) == 0
