@@ -22,7 +22,6 @@ from tensor_parallel.plan.memory import (
 )
 from tensor_parallel.plan.ranking import Plan, context_parallel_sizes, plan_layouts
 
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # what a command line leaves unset and the config does not say
 DEFAULTS = {"micro_batch_size": 1, "global_batch_size": 512, "dtype": "bf16", "backend": "te"}
