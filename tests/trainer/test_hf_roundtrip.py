@@ -80,6 +80,8 @@ def test_import_records_config_tokenizer_and_layout(models: Path, tmp_path: Path
     from dataprep.hf_tokenizer import HFTokenizer  # what the data jobs record for --tokenizer DIR
 
     assert record["tokenizer_fingerprint"] == HFTokenizer.load(str(models / "qwen2")).fingerprint
+    # every stage started from model.yaml refuses data made with another tokenizer
+    assert cfg.data.tokenizer_fingerprint == record["tokenizer_fingerprint"]
     assert (ckpt / "tokenizer" / "tokenizer.json").read_bytes() == \
         (models / "qwen2" / "tokenizer.json").read_bytes()
     assert (ckpt / "hf" / "config.json").exists() and (ckpt / "metadata.json").exists()

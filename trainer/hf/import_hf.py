@@ -27,7 +27,7 @@ from kiln.errors import DataError, UsageError
 from kiln.log import get_logger
 from kiln.paths import atomic_dir
 from kiln.progress import counter
-from trainer.config import InitConfig, ParallelConfig
+from trainer.config import DataConfig, InitConfig, ParallelConfig
 from trainer.hf.config_map import HFModel, model_from_hf
 from trainer.hf.dcp import CheckpointWriter
 from trainer.hf.mapping import (
@@ -220,6 +220,8 @@ def main(argv: Sequence[str]) -> int:
            "init": InitConfig(checkpoint=out)}
     check_tokenizer(hf_dir, m.vocab_size)
     fingerprint = tokenizer_fingerprint(hf_dir)
+    if fingerprint is not None:  # every stage then refuses data made with another tokenizer
+        run["data"] = DataConfig(tokenizer_fingerprint=fingerprint)
     with ExitStack() as stack:
         src = SafetensorsSource(hf_dir, stack)
         check_tensors(src, d)

@@ -113,8 +113,11 @@ class ChatStage(Stage):
             raise ConfigError("data.manifests", f"stage {self.name} reads one dataset directory, "
                               f"got {len(cfg.data.manifests)}")
         key = f"{self.name}.tokenizer"
-        self.data = ShardSet(cfg.data.manifests[0], self.contracts,
-                             expected_fingerprint(self.opts.tokenizer, key), fingerprint_key=key)
+        fingerprint = expected_fingerprint(self.opts.tokenizer, key)
+        if fingerprint is None and cfg.data.tokenizer_fingerprint:  # e.g. an import's model.yaml
+            key, fingerprint = "data.tokenizer_fingerprint", cfg.data.tokenizer_fingerprint
+        self.data = ShardSet(cfg.data.manifests[0], self.contracts, fingerprint,
+                             fingerprint_key=key)
         self.train_rows, self.valid_rows = split_rows(len(self.data), cfg.data.split)
         self._leave_out_cut_rows()
         self.check_split_sizes()
