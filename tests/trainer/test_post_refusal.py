@@ -37,7 +37,8 @@ def test_refuses_another_tokenizer(tmp_path) -> None:
     assert "kiln.tokenizer_fingerprint" in line and "0123abcd" in line
     assert "re-tokenize" in line and "dpo.tokenizer" in line
     # what `kiln import-hf`'s model.yaml sets: the run's tokenizer for every stage
-    line = error_line(train(tmp_path, "dpo", "data.tokenizer_fingerprint=0123abcd"))
+    line = error_line(train(tmp_path, "dpo", "dpo.tokenizer=null",
+                            "data.tokenizer_fingerprint=0123abcd"))
     assert "0123abcd" in line and "data.tokenizer_fingerprint" in line
 
 
