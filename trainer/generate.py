@@ -41,8 +41,11 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from kiln.errors import ConfigError, UsageError
+from kiln.log import get_logger
 from tensor_parallel import runtime
 from trainer.forward import forward_only
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -278,12 +281,15 @@ def load_frozen(chunks: list[torch.nn.Module], path: str,
 # ---- kiln generate ------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="kiln generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="kiln generate", description="Sample continuations of prompts from a trainer "
+        "checkpoint (any stage but rm, saved under any layout) with megatron's static KV cache.")
     parser.add_argument("checkpoint", help="a checkpoint directory, or a checkpoints root (its latest)")
     parser.add_argument("--prompt", required=True, action="append",
                         help="prompt text (repeatable: one batch)")
-    parser.add_argument("--tokenizer", help="sentencepiece tokenizer directory; default: the one "
-                        "the run config names (<stage>.tokenizer)")
+    parser.add_argument("--tokenizer", help="a `kiln tokenizer` or Hugging Face tokenizer "
+                        "directory; default: the one the run config names (<stage>.tokenizer), "
+                        "else that of the `kiln import-hf` model the run started from")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true")
@@ -299,30 +305,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _encode(sp, text: str, chat: bool) -> list[int]:
-    """Prompt ids: plain text after `<s>`, or (`chat`) one user turn and the assistant header in
-    llmkiln's chat layout (`dataprep/chat/template.py`): <s> <|user|> text <|end|> <|assistant|>."""
-    if not chat:
-        return [sp.bos_id(), *sp.encode(text)]
-    user, end, assistant = (sp.piece_to_id(p) for p in ("<|user|>", "<|end|>", "<|assistant|>"))
-    if sp.unk_id() in (user, end, assistant):
-        raise UsageError("--chat needs a tokenizer with llmkiln's chat control tokens")
-    return [sp.bos_id(), user, *sp.encode(text), end, assistant]
-
-
 def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat: bool,
         max_new_tokens: int, sampling: SamplingParams, seed: int, tp: int = 1,
         pp: int = 1) -> list[str] | None:
     """Decoded continuations of `prompts` by the policy stored in a trainer checkpoint (saved
     under any layout), loaded over `tp` × `pp` ranks: on the last rank, None on the others."""
-    import sentencepiece as spm
     import yaml
     from megatron.core import dist_checkpointing
 
     from kiln.config import from_dict
     from trainer.checkpoint import resolve
     from trainer.config import RunConfig
+    from trainer.hf.export_hf import tokenizer_dir
     from trainer.model import build_gpt_chunks, check_fits_layout
+    from trainer.text_tokenizer import TextTokenizer
 
     path = resolve(checkpoint)
     saved = dist_checkpointing.load_common_state_dict(path).get("config")
@@ -332,15 +328,25 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat:
     stage = run_cfg.get("stage")
     if stage == "rm":
         raise UsageError(f"{path} is a reward model: it scores text, it has no LM head to sample")
-    tok_dir = tokenizer or (run_cfg.get(stage) or {}).get("tokenizer")
-    if not tok_dir or not os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):
-        raise UsageError("no tokenizer: pass --tokenizer DIR (a `kiln tokenizer` directory)")
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(tok_dir, "tokenizer.model"))
+    # the run's `kiln tokenizer` directory, else the tokenizer of the import it started from
+    tok_dir = tokenizer or (run_cfg.get(stage) or {}).get("tokenizer") or tokenizer_dir(path)
+    if not tok_dir or not os.path.isdir(tok_dir):
+        raise UsageError("no tokenizer: pass --tokenizer DIR (a `kiln tokenizer` directory, or "
+                         "a Hugging Face one with tokenizer.json)")
+    tok = TextTokenizer(tok_dir)
     cfg = RunConfig(model=from_dict(RunConfig, {"model": run_cfg["model"]}).model)
     cfg.train.seq_length = run_cfg.get("train", {}).get("seq_length", cfg.train.seq_length)
     vocab = dist_checkpointing.load_tensors_metadata(path)[
         "embedding.word_embeddings.weight"].global_shape[0]
-    stops = [sp.eos_id()] + ([sp.piece_to_id("<|end|>")] if chat else [])
+    if tok.vocab_size > vocab:
+        raise UsageError(f"{tok_dir} has {tok.vocab_size} tokens, more than the model's "
+                         f"{vocab} embedding rows: not this model's tokenizer")
+    stops = tok.stop_ids(chat)
+    encoded = [tok.encode(p, chat) for p in prompts]
+    longest = max(map(len, encoded)) + max_new_tokens
+    if longest > cfg.train.seq_length:
+        log.warning("prompt + %d new tokens reach %d positions, past the %d the model was "
+                    "trained on", max_new_tokens, longest, cfg.train.seq_length)
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
     runtime.init(tp=tp, pp=pp, seed=seed)
     try:
@@ -352,16 +358,15 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat:
         except ConfigError as exc:
             raise _flag_error(exc) from None
         model = load_frozen(build_gpt_chunks(cfg, vocab), path)
-        gen = generate(model, [_encode(sp, p, chat) for p in prompts],
-                       max_new_tokens=max_new_tokens, vocab_size=sp.get_piece_size(),
-                       pad_id=sp.pad_id() if sp.pad_id() >= 0 else 0, stop_ids=stops,
+        gen = generate(model, encoded, max_new_tokens=max_new_tokens, vocab_size=tok.vocab_size,
+                       pad_id=tok.pad_id, stop_ids=stops,
                        sampling=sampling, generator=torch.Generator().manual_seed(seed))
         last = runtime.is_logging_rank()
     finally:
         runtime.shutdown()
     if not last:
         return None
-    return [sp.decode([t for t in ids if t not in stops]) for ids in gen.completion_ids()]
+    return [tok.decode([t for t in ids if t not in stops]) for ids in gen.completion_ids()]
 
 
 def _flag_error(exc: ConfigError) -> UsageError:

@@ -198,3 +198,31 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path: Path, capsys
     src = make_model("llama", tmp_path / "small", vocab_size=200)  # the tokenizer has 280 tokens
     assert cli(import_hf.main, src, "--out", tmp_path / "ckpt") == 1
     assert "tokenizer.json" in capsys.readouterr().err and not (tmp_path / "ckpt").exists()
+
+
+def test_kiln_generate_samples_an_import_as_transformers_does(models: Path, tmp_path: Path) -> None:
+    """`kiln generate` on a `kiln import-hf` checkpoint finds the import's tokenizer.json and
+    generation config itself; greedy text equals transformers' greedy generation."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.trainer.conftest import ROOT, child_env
+
+    src = models / "llama"
+    assert cli(import_hf.main, src, "--out", tmp_path / "ckpt") == 0
+    prompt = "the cat sat"
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "generate", str(tmp_path / "ckpt"),
+                           "--prompt", prompt, "--greedy", "--max-new-tokens", "12"], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tok = AutoTokenizer.from_pretrained(str(src))
+    model = AutoModelForCausalLM.from_pretrained(str(src))
+    ids = tok(prompt, return_tensors="pt").input_ids
+    # ids past the tokenizer's 280 (the model has 300 rows) are never sampled: they decode to
+    # nothing (transformers picked one at the 12th token here)
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, suppress_tokens=list(range(len(tok), 300)))
+    theirs = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert proc.stdout.rstrip("\n") == theirs

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import sentencepiece as spm
 import torch
 import yaml
 from megatron.core import dist_checkpointing
@@ -67,6 +66,7 @@ from trainer.rollout import (
 )
 from trainer.stages import Batch
 from trainer.stages.chat_common import ChatOptions, ChatStage
+from trainer.text_tokenizer import TextTokenizer
 
 log = get_logger(__name__)
 
@@ -117,10 +117,9 @@ class RLStage(ChatStage):
                           if o.reward_function else None)
         if self.reward_fn is not None:
             check_reward_arguments(self.reward_fn, o.reward_kwargs, f"{sec}.reward_kwargs")
-        self.tokenizer = None
-        if o.tokenizer and os.path.isdir(o.tokenizer):
-            self.tokenizer = spm.SentencePieceProcessor(
-                model_file=os.path.join(o.tokenizer, "tokenizer.model"))
+        # decodes the texts reward functions read: a `kiln tokenizer` or Hugging Face directory
+        self.tokenizer = (TextTokenizer(o.tokenizer) if o.tokenizer and os.path.isdir(o.tokenizer)
+                          else None)
         if o.prompts_per_rollout % runtime.dp_size():
             raise ConfigError(f"{sec}.prompts_per_rollout", f"{o.prompts_per_rollout} does not "
                               f"divide over the data-parallel size {runtime.dp_size()}")
