@@ -9,6 +9,7 @@ a new stage adds its own section without touching this file.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -253,4 +254,35 @@ def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> Any:
     if not isinstance(stage, str):
         raise ConfigError("stage", f"expected a stage name, got {stage!r}")
     options = stage_class(stage).options
-    return load_config(run_config_class(options, stage), path, overrides)
+    cfg = load_config(run_config_class(options, stage), path, overrides)
+    _absolute_paths(cfg, getattr(cfg, stage, None))
+    return cfg
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def locate(path: str) -> str:
+    """A relative path from the working directory, else from the repository root (the bundled
+    samples are found wherever a run starts); unchanged when neither holds it."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    in_repo = os.path.join(REPO_ROOT, path)
+    return in_repo if os.path.exists(in_repo) else path
+
+
+def _absolute_paths(cfg: Any, options: Any) -> None:
+    """The inputs a run names, as absolute paths: the config saved beside every checkpoint
+    then finds them from any directory (`kiln export-hf`, `kiln generate`, a later run's
+    `init.checkpoint`). Names that are not existing paths (a tokenizer fingerprint) stay."""
+    def absolute(path: str | None) -> str | None:
+        if path is None:
+            return None
+        found = locate(path)
+        return os.path.abspath(found) if os.path.exists(found) else path
+
+    cfg.init.checkpoint = absolute(cfg.init.checkpoint)
+    cfg.data.manifests = [absolute(p) for p in cfg.data.manifests]
+    for key in ("tokenizer", "reward_model", "reference_path"):
+        if options is not None and isinstance(getattr(options, key, None), str):
+            setattr(options, key, absolute(getattr(options, key)))

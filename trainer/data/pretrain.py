@@ -15,6 +15,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from kiln.errors import ConfigError, DataError
 from kiln.log import get_logger
+from trainer.config import locate
 from trainer.data.manifest import TokenManifest, read_token_manifest
 
 log = get_logger(__name__)
@@ -38,23 +39,11 @@ class TokenData:
     fingerprint: str
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _locate(path: str) -> str:
-    """Relative paths are taken from the working directory, else from the repository root
-    (so the bundled sample data is found whichever directory a run starts in)."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    in_repo = os.path.join(REPO_ROOT, path)
-    return in_repo if os.path.exists(in_repo) else path
-
-
 def read_manifests(paths: list[str], fingerprint: str | None = None) -> list[TokenManifest]:
     """The manifests, checked to share one tokenizer (and to match `fingerprint` when given)."""
     if not paths:
         raise ConfigError("data.manifests", "no token manifests given")
-    manifests = [read_token_manifest(_locate(p)) for p in paths]
+    manifests = [read_token_manifest(locate(p)) for p in paths]
     for m in manifests:
         if fingerprint is not None and m.fingerprint != fingerprint:
             raise DataError(f"tokenizer fingerprint {m.fingerprint!r} does not match "
