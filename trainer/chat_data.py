@@ -119,6 +119,10 @@ class DistributedSampler:
         samples (a pure function: a stage can look ahead without consuming the iterator)."""
         epoch, offset = divmod(consumed_samples, self._per_epoch)
         batch = self._order(epoch)[offset:offset + self.global_batch_size]
+        if len(batch) < self.global_batch_size:  # a resume under another global batch size:
+            # the epoch's rows ran out mid-batch, so it takes the next epoch's first ones
+            batch = np.concatenate([batch, self._order(epoch + 1)[
+                :self.global_batch_size - len(batch)]])
         per_rank = self.global_batch_size // self.dp_size
         return batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
 

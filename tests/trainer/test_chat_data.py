@@ -125,3 +125,13 @@ def test_cut_counts_equal_what_the_collators_train_on(seq_len):
     assert total.tolist() == [int(np.sum(r["loss_mask"][1:])) for r in rows]
     if seq_len < 64:
         assert (kept == 0).any() and (kept < total).any()  # the cases the report is for
+
+
+def test_sampler_batches_stay_whole_when_a_resume_changes_the_global_batch():
+    """176 samples consumed (at 16 per batch), resumed at 12 per batch over 180 rows: the epoch
+    has 4 rows left, and the batch takes 8 from the next epoch; each DP rank still gets 6."""
+    ranks = [DistributedSampler(180, 12, r, 2, seed=1, consumed_samples=176) for r in (0, 1)]
+    first = [next(iter(s)) for s in ranks]
+    assert [len(b) for b in first] == [6, 6]
+    order = [ranks[0]._order(e) for e in (0, 1)]
+    assert np.concatenate(first).tolist() == [*order[0][176:], *order[1][:8]]
