@@ -316,7 +316,10 @@ def _step_record(t: Trainer, result: dict[str, float] | None, tokens_per_s: floa
     record = {"step": t.state.step, "lr": t.scheduler.get_lr(t.optimizer.param_groups[0]),
               "params_norm": params_norm(t.optimizer),
               "tokens_per_s": tokens_per_s, "tflops_per_rank": tflops,
-              "peak_memory_gb": peak_memory_gb(), "skipped_steps": t.state.skipped_steps,
+              # the most loaded rank's (under PP the first stage's, not the logging rank's)
+              "peak_memory_gb": runtime.all_reduce_max(torch.tensor(
+                  [peak_memory_gb()], device=runtime.device())).item(),
+              "skipped_steps": t.state.skipped_steps,
               "consumed_samples": t.state.consumed_samples}
     if peak:
         record["mfu"] = tflops / peak
