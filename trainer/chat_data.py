@@ -32,7 +32,7 @@ class ShardSet:
         try:
             manifest = read_manifest(directory)
         except FileNotFoundError:
-            raise DataError("no manifest.json: point data.path at a directory written by "
+            raise DataError("no manifest.json: point data.manifests at a directory written by "
                             "`kiln sft` or `kiln preference`", path=directory) from None
         except ValueError as exc:
             raise DataError(f"invalid manifest: {exc}", path=directory) from None

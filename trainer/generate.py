@@ -348,11 +348,12 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat:
         log.warning("prompt + %d new tokens reach %d positions, past the %d the model was "
                     "trained on", max_new_tokens, longest, cfg.train.seq_length)
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp * pp:
+        raise UsageError(f"--tp {tp} × --pp {pp} runs on {tp * pp} processes, this is {world}: "
+                         f"launch with torchrun --nproc-per-node {tp * pp} -m kiln.cli generate")
     runtime.init(tp=tp, pp=pp, seed=seed)
     try:
-        if runtime.dp_size() != 1:
-            raise UsageError(f"kiln generate runs one copy of the model: launch --tp × --pp = "
-                             f"{tp * pp} processes, not {runtime.world_size()}")
         try:
             check_fits_layout(cfg.model, cfg.train.seq_length, sequence_parallel=False)
         except ConfigError as exc:

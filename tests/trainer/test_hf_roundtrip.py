@@ -226,3 +226,10 @@ def test_kiln_generate_samples_an_import_as_transformers_does(models: Path, tmp_
                          pad_token_id=tok.pad_token_id, suppress_tokens=list(range(len(tok), 300)))
     theirs = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert proc.stdout.rstrip("\n") == theirs
+
+
+def test_export_sizes_and_refusals(tmp_path: Path) -> None:
+    assert export_hf.parse_size("5GiB") == 5 * 2**30 and export_hf.parse_size("500MB") == 5 * 10**8
+    assert export_hf.parse_size("40KB") == 40_000
+    with pytest.raises(export_hf.UsageError, match="4GiB"):
+        export_hf.parse_size("lots")

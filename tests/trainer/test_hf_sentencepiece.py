@@ -100,6 +100,12 @@ def exported(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+def test_the_export_records_the_trained_context(exported):
+    config = json.loads((exported / "hf" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 128  # tiny-sft's train.seq_length, not 4096
+
+
+@pytest.mark.slow
 def test_transformers_renders_our_chat_layout_with_the_exported_tokenizer(exported):
     from transformers import AutoTokenizer
 

@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -58,14 +59,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    # longest suffix first: "5GiB" is not "5Gi" of "B"
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
     for unit, scale in units.items():
         if text.upper().endswith(unit):
             try:
                 return int(float(text[: -len(unit)]) * scale)
             except ValueError:
                 break
-    raise UsageError(f"--max-shard-size {text!r}: expected e.g. 500MB or 5GB")
+    raise UsageError(f"--max-shard-size {text!r}: expected e.g. 500MB, 5GB or 4GiB")
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -284,7 +287,14 @@ def main(argv: Sequence[str]) -> int:
     max_bytes = parse_size(args.max_shard_size)
     ckpt = resolve_checkpoint(os.path.abspath(args.checkpoint))
     cfg = run_config(ckpt)
+    if cfg.get("stage") == "rm":
+        raise UsageError(f"{ckpt} is a reward model (stage: rm): a scalar head, not a language "
+                         "model to export as *ForCausalLM")
     model = from_dict(ModelConfig, cfg.get("model") or {}, "model")
+    # the context it was trained on, where the config does not say (an import's config.json does)
+    trained = (cfg.get("train") or {}).get("seq_length")
+    if model.max_position_embeddings is None and trained:
+        model = replace(model, max_position_embeddings=trained)
     origin = imported_origin(ckpt, cfg)
     tokenizer = args.tokenizer or (os.path.join(origin, "tokenizer") if origin else None)
     tokenizer = tokenizer or sentencepiece_dir(cfg)
@@ -292,7 +302,8 @@ def main(argv: Sequence[str]) -> int:
         raise UsageError(f"{ckpt} does not descend from a `kiln import-hf` directory with a "
                          "tokenizer, and its run config names no `kiln tokenizer` directory: "
                          "pass --tokenizer DIR (Hugging Face, or `kiln tokenizer`)")
-    vocab = unpadded_vocab(model, cfg, args.vocab_size)
+    vocab = args.vocab_size or load_common(ckpt).get("vocab_size") or unpadded_vocab(
+        model, cfg, None)
     d = Dims.of(model, vocab)
     reader = CheckpointReader(ckpt)
     check_shapes(reader, d, ckpt)
