@@ -87,7 +87,8 @@ def test_kiln_generate_samples_a_ppo_checkpoint(runs):
         assert split.returncode == 0, split.stderr[-3000:]
         assert split.stdout == first.stdout, layout
     mismatched = kiln_generate(*args, "--pp", "2", ranks=1)
-    assert mismatched.returncode != 0 and "not divisible by tp×pp×cp" in mismatched.stderr
+    assert mismatched.returncode == 2
+    assert "--pp 2 runs on 2 processes, this is 1: launch with torchrun" in mismatched.stderr
 
 
 @pytest.mark.slow
