@@ -19,6 +19,7 @@ from trainer.rewards import (
 PPO = str(ROOT / "trainer" / "configs" / "tiny-ppo.yaml")
 GRPO = str(ROOT / "trainer" / "configs" / "tiny-grpo.yaml")
 SFT = str(ROOT / "trainer" / "configs" / "tiny-sft.yaml")
+RM = str(ROOT / "trainer" / "configs" / "tiny-rm.yaml")
 
 
 def test_rule_rewards():
@@ -77,6 +78,7 @@ def test_reward_arguments_are_checked_against_the_function():
     # a split smaller than a global batch: at start, not at the last validation
     (SFT, "data.split=99,1,0", "data.split"),
     (SFT, "data.split=0,100,0", "data.split"),
+    (RM, "rm.use_margin=true", "rm.use_margin"),  # the sample pairs carry no margins
     # a rule's own arguments, checked before any model is built
     (GRPO, "grpo.reward_kwargs={}", "grpo.reward_kwargs"),
     (GRPO, 'grpo.reward_kwargs={"low":1,"high":2,"prompts":3}', "grpo.reward_kwargs"),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.config import check_range
+from kiln.errors import ConfigError
 from trainer.losses import reward_model_loss
 from trainer.model import build_gpt_chunks
 from trainer.reward_head import REWARD_HEAD, GPTRewardModel, sequence_rewards
@@ -30,6 +31,12 @@ class RewardModelStage(TwoSequenceStage):
     name = "rm"
     options = RmOptions
     new_weights = (REWARD_HEAD,)  # absent from a language-model checkpoint: initialised
+
+    def setup(self) -> None:
+        super().setup()
+        if self.opts.use_margin and self.data.table.column("margin").null_count == len(self.data):
+            raise ConfigError("rm.use_margin", f"{self.data.directory} has no margins (every "
+                              "row's is null: pairs without scores); set it false")
 
     def build_model(self, padded_vocab_size: int) -> list[torch.nn.Module]:
         return build_gpt_chunks(self.cfg, padded_vocab_size, model_class=GPTRewardModel)
