@@ -80,6 +80,14 @@ def check_reward_arguments(fn: RewardFunction, kwargs: dict[str, Any], key: str)
         raise ConfigError(key, f"{getattr(fn, '__name__', fn)}: {exc}") from None
 
 
+def reads_references(fn: RewardFunction) -> bool:
+    """Whether `fn` names `references` among its parameters (a rule checking answers)."""
+    try:
+        return "references" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def call_reward_function(fn: RewardFunction, n: int, key: str, **inputs: Any) -> list[float]:
     """`fn(**inputs)`, checked: exactly `n` finite floats."""
     values = fn(**inputs)

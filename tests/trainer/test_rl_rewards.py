@@ -79,6 +79,8 @@ def test_reward_arguments_are_checked_against_the_function():
     (SFT, "data.split=99,1,0", "data.split"),
     (SFT, "data.split=0,100,0", "data.split"),
     (RM, "rm.use_margin=true", "rm.use_margin"),  # the sample pairs carry no margins
+    # a rule checking answers on prompts that have none: every reward the same
+    (GRPO, "grpo.reward_function=trainer.rewards:exact_match", "grpo.reward_function"),
     # a rule's own arguments, checked before any model is built
     (GRPO, "grpo.reward_kwargs={}", "grpo.reward_kwargs"),
     (GRPO, 'grpo.reward_kwargs={"low":1,"high":2,"prompts":3}', "grpo.reward_kwargs"),

@@ -54,7 +54,12 @@ from trainer.generate import SamplingParams, generate, load_frozen
 from trainer.model import build_gpt_chunks, check_fits_layout
 from trainer.reference import frozen_reference
 from trainer.reward_head import GPTRewardModel
-from trainer.rewards import call_reward_function, check_reward_arguments, load_reward_function
+from trainer.rewards import (
+    call_reward_function,
+    check_reward_arguments,
+    load_reward_function,
+    reads_references,
+)
 from trainer.rollout import (
     RolloutBatch,
     forward_sequences,
@@ -117,6 +122,11 @@ class RLStage(ChatStage):
                           if o.reward_function else None)
         if self.reward_fn is not None:
             check_reward_arguments(self.reward_fn, o.reward_kwargs, f"{sec}.reward_kwargs")
+            column = self.data.table.column("reference")
+            if reads_references(self.reward_fn) and column.null_count == len(column):
+                raise ConfigError(f"{sec}.reward_function", f"{o.reward_function} checks "
+                                  f"reference answers, and {self.data.directory} has none (every "
+                                  "row's is null): every reward would be the same")
         # decodes the texts reward functions read: a `kiln tokenizer` or Hugging Face directory
         self.tokenizer = (TextTokenizer(o.tokenizer) if o.tokenizer and os.path.isdir(o.tokenizer)
                           else None)
