@@ -228,8 +228,14 @@ def test_kiln_generate_samples_an_import_as_transformers_does(models: Path, tmp_
     assert proc.stdout.rstrip("\n") == theirs
 
 
-def test_export_sizes_and_refusals(tmp_path: Path) -> None:
+def test_export_sizes_and_refusals(models: Path, tmp_path: Path, capsys) -> None:
     assert export_hf.parse_size("5GiB") == 5 * 2**30 and export_hf.parse_size("500MB") == 5 * 10**8
     assert export_hf.parse_size("40KB") == 40_000
     with pytest.raises(export_hf.UsageError, match="4GiB"):
         export_hf.parse_size("lots")
+    # a vocabulary smaller than the tokenizer (280 ids) would write a model missing their rows
+    assert cli(import_hf.main, models / "llama", "--out", tmp_path / "ckpt") == 0
+    assert cli(export_hf.main, tmp_path / "ckpt", "--out", tmp_path / "hf",
+               "--vocab-size", "200") == 2
+    assert "the tokenizer has 280 ids, the exported vocabulary 200" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

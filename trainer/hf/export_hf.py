@@ -238,8 +238,10 @@ def chat_template(choice: str) -> str | None:
     return CHAT_TEMPLATE_JINJA
 
 
-def write_tokenizer(src: str, out: str, choice: str) -> dict[str, int | None]:
-    """Copy the tokenizer, set the chat template; the special ids generation needs."""
+def write_tokenizer(src: str, out: str, choice: str, vocab_size: int,
+                    name: str | None = None) -> dict[str, int | None]:
+    """Copy the tokenizer, set the chat template; the special ids generation needs. A tokenizer
+    with more ids than the model's `vocab_size` is refused (its ids past it have no weights)."""
     from tokenizers import Tokenizer
 
     copied = copy_files(src, TOKENIZER_FILES, out)
@@ -257,6 +259,10 @@ def write_tokenizer(src: str, out: str, choice: str) -> dict[str, int | None]:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)
     tk = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+    if tk.get_vocab_size(with_added_tokens=True) > vocab_size:
+        raise UsageError(f"{name or src}: the tokenizer has {tk.get_vocab_size(with_added_tokens=True)} "
+                         f"ids, the exported vocabulary {vocab_size} (--vocab-size, or what the "
+                         "run recorded): not this model's tokenizer, or a vocabulary too small")
 
     def token_id(key: str) -> int | None:
         value = config.get(key)
@@ -314,6 +320,7 @@ def main(argv: Sequence[str]) -> int:
     config = hf_from_model(model, vocab, str(dtype).removeprefix("torch."),
                            base=read_json(os.path.join(hf_dir, "config.json")),
                            family=imported["family"] if imported else None)
+    named = tokenizer  # a converted `kiln tokenizer` is written to a temporary directory
     with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as converted:
         spm_model = os.path.join(tokenizer, "tokenizer.model")
         if not os.path.exists(os.path.join(tokenizer, "tokenizer.json")) \
@@ -322,7 +329,7 @@ def main(argv: Sequence[str]) -> int:
                                    (cfg.get("train") or {}).get("seq_length"))
             log.info("tokenizer: %s converted to tokenizer.json (the same ids)", spm_model)
             tokenizer = converted
-        ids = write_tokenizer(tokenizer, tmp, args.chat_template)
+        ids = write_tokenizer(tokenizer, tmp, args.chat_template, vocab, name=named)
         total = write_safetensors(hf_tensors(reader, d, dtype), tmp, max_bytes)
         for key in ("bos", "eos", "pad"):
             if ids[key] is not None:
