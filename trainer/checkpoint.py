@@ -65,22 +65,25 @@ def latest_checkpoint(root: str) -> str | None:
     with open(marker, encoding="utf-8") as f:
         name = f.read().strip()
     path = os.path.join(root, name)
-    if not os.path.isdir(path):
-        others = sorted(d for d in os.listdir(root) if d.startswith("step-"))
-        raise DataError(f"{LATEST} names {name}, which is missing; the checkpoints there: "
+    if not name or not os.path.exists(os.path.join(path, "metadata.json")):
+        others = sorted(d for d in os.listdir(root) if d.startswith("step-")
+                        and os.path.exists(os.path.join(root, d, "metadata.json")))
+        raise DataError(f"{LATEST} names {name or 'nothing'}, which is missing or not a complete "
+                        f"checkpoint; the checkpoints there: "
                         f"{', '.join(others) or 'none'}. Write the one to resume from into "
                         f"{marker}, or remove it to start again", path=marker)
     return path
 
 
-def resolve(path: str) -> str:
-    """A checkpoint directory, or a checkpoints root (then its `latest`)."""
+def resolve(path: str, key: str = "init.checkpoint") -> str:
+    """A checkpoint directory, or a checkpoints root (then its `latest`); `key` is the setting
+    that named it."""
     if os.path.exists(os.path.join(path, LATEST)):
         found = latest_checkpoint(path)
         if found is not None:
             return found
     if not os.path.exists(os.path.join(path, "metadata.json")):
-        raise ConfigError("init.checkpoint", f"{path} is not a checkpoint (no metadata.json/latest)")
+        raise ConfigError(key, f"{path} is not a checkpoint (no metadata.json/latest)")
     return path
 
 

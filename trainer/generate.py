@@ -320,7 +320,10 @@ def run(checkpoint: str, prompts: Sequence[str], *, tokenizer: str | None, chat:
     from trainer.model import build_gpt_chunks, check_fits_layout
     from trainer.text_tokenizer import TextTokenizer
 
-    path = resolve(checkpoint)
+    try:
+        path = resolve(checkpoint)
+    except ConfigError as exc:  # the positional argument, not a config key
+        raise UsageError(str(exc).split(": ", 1)[1]) from None
     saved = dist_checkpointing.load_common_state_dict(path).get("config")
     if saved is None:
         raise UsageError(f"{path} holds no run config (not written by trainer/main.py)")

@@ -293,7 +293,7 @@ class StoredReference(Reference):
         if table.column("id").to_pylist() != self.ids:
             changed.append("row ids")
         if changed:
-            log.warning("%s was made for another reference model or dataset (%s differ): "
-                        "recomputing", self.path, ", ".join(changed))
+            log.warning("%s was made for another reference model or dataset (%s differ): not "
+                        "used", self.path, ", ".join(changed))
             return None
         return torch.from_numpy(np.stack([table.column(c).to_numpy() for c in self.columns], 1))

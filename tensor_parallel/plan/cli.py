@@ -80,7 +80,16 @@ def _data_vocab_size(spec: str, doc: dict[str, Any]) -> int:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GIB:.1f}"
+    """GiB to one decimal; below 0.1 GiB (toy models) three significant digits."""
+    return f"{n / GIB:.1f}" if n >= GIB / 10 or n == 0 else f"{n / GIB:.3g}"
+
+
+def _count(n: int) -> str:
+    """1.24B, 8.03B; 3.05M for a toy model (not 0.00B)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
 
 
 def plan_rows(plans: Sequence[Plan]) -> list[dict]:
@@ -117,7 +126,7 @@ def print_table(plans: Sequence[Plan], title: str, top: int | None) -> None:
         setting = ("ZeRO-1" if plan.distributed_optimizer else "Adam") + f" + {plan.recompute}"
         table.add_row(
             str(row["rank"]), str(plan.layout), str(row["num_microbatches"]),
-            f"{row['params_per_gpu'] / 1e9:.2f}B", _gib(row["weights_bytes"]),
+            _count(row["params_per_gpu"]), _gib(row["weights_bytes"]),
             _gib(row["gradients_bytes"]), _gib(row["optimizer_bytes"]),
             _gib(row["optimizer_distributed_bytes"]), _gib(act["none"]), _gib(act["selective"]),
             _gib(act["full"]), setting, _gib(plan.peak_bytes), "yes" if plan.fits else "NO",
@@ -195,7 +204,7 @@ def main(argv: Sequence[str]) -> int:
                           "parameters": count_parameters(model), "fitting": fitting,
                           "rejected": rejected, "layouts": plan_rows(plans)}, indent=1))
     else:
-        title = (f"{model.name}: {count_parameters(model) / 1e9:.2f}B parameters on {args.gpus} x "
+        title = (f"{model.name}: {_count(count_parameters(model))} parameters on {args.gpus} x "
                  f"{args.gpu_memory_gb:g} GiB, seq {setup.seq_length}, micro-batch "
                  f"{setup.micro_batch_size}, global batch {setup.global_batch_size}, {setup.dtype}, "
                  f"{setup.backend} kernels; GiB per GPU on the most loaded stage; fits: peak <= "

@@ -263,10 +263,13 @@ def test_a_latest_marker_naming_a_missing_checkpoint_is_an_error(tmp_path: Path)
     from trainer.checkpoint import latest_checkpoint
 
     (tmp_path / "step-00000004").mkdir()
-    (tmp_path / "latest").write_text("step-00000009\n")
-    with pytest.raises(DataError, match="latest names step-00000009, which is missing; the "
-                       "checkpoints there: step-00000004"):
-        latest_checkpoint(str(tmp_path))
+    (tmp_path / "step-00000004" / "metadata.json").write_text("{}")
+    (tmp_path / "step-00000006").mkdir()  # a directory that never became a checkpoint
+    for name in ("step-00000009", "step-00000006", ""):
+        (tmp_path / "latest").write_text(name + "\n")
+        with pytest.raises(DataError, match=f"latest names {name or 'nothing'}, which is missing "
+                           "or not a complete checkpoint; the checkpoints there: step-00000004\\."):
+            latest_checkpoint(str(tmp_path))
     (tmp_path / "latest").write_text("step-00000004\n")
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "step-00000004")
     assert latest_checkpoint(str(tmp_path / "nothing-yet")) is None
