@@ -403,7 +403,6 @@ def _load_strategy(cfg: Any, path: str) -> Any:
     return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), group)
 
 
-@torch.no_grad()
 def resume_position(cfg: Any) -> tuple[int, int] | None:
     """(step, consumed samples) of the checkpoint this run will resume from, None when it
     starts afresh: data is built before the weights are restored, and must reach as far."""
@@ -424,6 +423,7 @@ def _log_schedule_change(saved: dict[str, Any], now: dict[str, Any]) -> None:
                     "config from step %d on: %s", saved.get("num_steps", 0), ", ".join(changed))
 
 
+@torch.no_grad()
 def restore(t: Trainer) -> None:
     """Resume from `<checkpoint dir>/latest`, else start from `init.checkpoint`, else do nothing."""
     cfg = t.cfg
