@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kiln.errors import UsageError
-
-CHAT_CONTROLS = ("<|user|>", "<|end|>", "<|assistant|>")  # llmkiln's (dataprep/chat/template.py)
+from schemas.chat import ASSISTANT, END_OF_TURN, USER
 
 
 class TextTokenizer:
@@ -57,7 +56,7 @@ class TextTokenizer:
         sp = self._sp
         if not chat:
             return [sp.bos_id(), *sp.encode(text)]
-        user, end, assistant = (sp.piece_to_id(p) for p in CHAT_CONTROLS)
+        user, end, assistant = (sp.piece_to_id(p) for p in (USER, END_OF_TURN, ASSISTANT))
         if sp.unk_id() in (user, end, assistant):
             raise UsageError("--chat needs a tokenizer with llmkiln's chat control tokens")
         return [sp.bos_id(), user, *sp.encode(text), end, assistant]
@@ -67,7 +66,7 @@ class TextTokenizer:
         if self.hf:
             ids = {self._special("eos_token")} | set(self._generation_eos())
             return sorted(i for i in ids if i is not None)
-        return [self._sp.eos_id()] + ([self._sp.piece_to_id("<|end|>")] if chat else [])
+        return [self._sp.eos_id()] + ([self._sp.piece_to_id(END_OF_TURN)] if chat else [])
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]  # numpy or tensor elements too

@@ -28,7 +28,10 @@ from kiln.errors import DataError, UsageError
 from kiln.log import get_logger
 from kiln.paths import atomic_dir
 from kiln.progress import counter
-from schemas.chat import CHAT_TEMPLATE_JINJA
+from schemas.chat import (  # turn terminator: generation stops there too
+    CHAT_TEMPLATE_JINJA,
+    END_OF_TURN,
+)
 from trainer.config import ModelConfig
 from trainer.hf import sentencepiece_hf
 from trainer.hf.config_map import hf_from_model
@@ -38,7 +41,6 @@ from trainer.hf.mapping import Dims, params, stacked, to_hf
 
 log = get_logger(__name__)
 
-END_OF_TURN = "<|end|>"  # the chat template's turn terminator: generation stops there too
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -42,7 +42,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from kiln.config import from_dict
+from kiln.config import check_range, from_dict
 from kiln.errors import ConfigError
 from kiln.log import get_logger
 from tensor_parallel import runtime
@@ -91,6 +91,14 @@ class RolloutOptions(ChatOptions):
     reward_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments to it
     reward_model: str | None = None  # a reward-model checkpoint (stage: rm)
 
+    def check_values(self, prefix: str) -> None:
+        if self.reward_function is None and self.reward_model is None:
+            raise ConfigError(f"{prefix}reward_function", "set a reward_function and/or a "
+                              "reward_model")
+        for key in ("prompts_per_rollout", "samples_per_prompt", "epochs", "max_new_tokens"):
+            check_range(f"{prefix}{key}", getattr(self, key), 1)
+        SamplingParams(self.greedy, self.temperature, self.top_k, self.top_p).check(prefix)
+
 
 class RLStage(ChatStage):
     """Rollouts and their mini-batches; subclasses score advantages and define the loss."""
@@ -103,13 +111,6 @@ class RLStage(ChatStage):
         super().setup()
         o, tr = self.opts, self.cfg.train
         sec = self.name
-        if o.reward_function is None and o.reward_model is None:
-            raise ConfigError(f"{sec}.reward_function", "set a reward_function and/or a "
-                              "reward_model")
-        for key in ("prompts_per_rollout", "samples_per_prompt", "epochs", "max_new_tokens"):
-            if getattr(o, key) < 1:
-                raise ConfigError(f"{sec}.{key}", f"must be >= 1, got {getattr(o, key)}")
-        SamplingParams(o.greedy, o.temperature, o.top_k, o.top_p).check(f"{sec}.")
         self.rollout_size = o.prompts_per_rollout * o.samples_per_prompt
         if self.rollout_size % tr.global_batch_size:
             raise ConfigError("train.global_batch_size", f"{tr.global_batch_size} does not divide "
